@@ -1,0 +1,225 @@
+"""The protocol every linear solver obeys, and the diagnostics it returns.
+
+A linear solver solves ``(A + ridge·I) x = b`` for a matrix-free ``A`` given as ``matvec``
+(and, for solvers that need ``Aᵀ``, ``rmatvec``)::
+
+    x, info = solver(matvec, b, x0=None, rmatvec=None)
+
+``b``, ``x0`` and ``x`` are trees; ``matvec`` maps a tree to a tree of the same structure.
+Subclasses implement :meth:`LinearSolver._solve` on an already validated
+:class:`LinearProblem`; this module owns argument checking, ridge, the trivial cases and the
+two stopping regimes:
+
+* **adaptive** (``tol > 0`` or ``atol > 0``): stop once ``‖b − A x‖ ≤ max(tol·‖b‖, atol)``; the
+  loop reads the residual on the host each iteration, and ``info`` holds Python scalars.
+* **fixed-K** (``tol == atol == 0``): run exactly ``maxiter`` iterations with no host
+  synchronisation and no Python branch on tensor values, so the solve can run under
+  ``torch.func.vmap`` and be captured on CUDA. ``info.converged`` is then a 0-d boolean tensor
+  that is false only when the residual is non-finite: a fixed iteration budget is never a
+  failure.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .._transforms import any_batched
+from ..tree import (
+    Tree,
+    check_float_tree,
+    check_same_structure,
+    tree_axpy,
+    tree_norm,
+    tree_zeros_like,
+)
+
+Matvec = Callable[[Tree], Tree]
+"""A linear map on trees, ``v ↦ A v``."""
+
+__all__ = ["LinearProblem", "LinearSolver", "Matvec", "SolveInfo"]
+
+#: Reasons a solve stops. ``fixed_iterations`` is the only reason a fixed-K solve reports.
+REASONS = ("converged", "max_iterations", "breakdown", "nonfinite", "fixed_iterations")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveInfo:
+    """Diagnostics of one linear solve.
+
+    Attributes:
+        converged: whether the stopping criterion was met. In fixed-K mode a 0-d boolean
+            tensor, false only when the residual is non-finite.
+        iterations: iterations performed (each costs about one ``matvec``).
+        residual_norm: ``‖b − (A + ridge·I) x‖`` for the returned ``x`` as tracked by the
+            solver's recurrence (a 0-d tensor in fixed-K mode).
+        reason: one of ``"converged"``, ``"max_iterations"``, ``"breakdown"`` (the method's
+            assumption failed, e.g. CG met ``pᵀAp ≤ 0``), ``"nonfinite"``, or
+            ``"fixed_iterations"`` (fixed-K mode).
+        stats: solver-specific extras, e.g. CG's ``"skipped_steps"`` (fixed-K steps skipped
+            for non-positive curvature) or ``"matvecs"``.
+    """
+
+    converged: bool | torch.Tensor
+    iterations: int | torch.Tensor
+    residual_norm: float | torch.Tensor
+    reason: str
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        """True for an adaptive solve that did not converge. Never true in fixed-K mode."""
+        return self.reason in ("max_iterations", "breakdown", "nonfinite")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProblem:
+    """A validated system ``(A + ridge·I) x = b`` handed to :meth:`LinearSolver._solve`.
+
+    ``matvec`` and ``rmatvec`` already include the ridge term; ``rmatvec`` is ``None`` when
+    the caller did not give one. ``x0`` is ``None`` for a zero initial guess.
+    """
+
+    matvec: Matvec
+    b: Tree
+    x0: Tree | None
+    rmatvec: Matvec | None
+
+
+class _CheckedOperator:
+    """Wraps a user ``matvec``: adds ``ridge·v`` and validates the first output's structure."""
+
+    def __init__(self, fn: Matvec, b: Tree, ridge: float, name: str) -> None:
+        self.fn, self.b, self.ridge, self.name = fn, b, ridge, name
+        self.checked = False
+
+    def __call__(self, v: Tree) -> Tree:
+        out = self.fn(v)
+        if not self.checked:
+            check_same_structure(self.b, out, reference_name="b", other_name=f"{self.name}(x)")
+            self.checked = True
+        if self.ridge:
+            out = tree_axpy(self.ridge, v, out)
+        return out
+
+
+class LinearSolver(abc.ABC):
+    """Base class of the matrix-free linear solvers.
+
+    Args:
+        tol: relative tolerance: stop when ``‖r‖ ≤ max(tol·‖b‖, atol)``. ``tol=0`` together
+            with ``atol=0`` selects fixed-K mode (exactly ``maxiter`` iterations).
+        atol: absolute tolerance on ``‖r‖``.
+        maxiter: iteration budget (the exact count in fixed-K mode).
+        ridge: solve ``(A + ridge·I) x = b`` instead; damps indefinite or singular systems.
+    """
+
+    #: Whether the solver assumes a symmetric ``A`` (documentation and default selection).
+    assumes_symmetric: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        tol: float = 1e-6,
+        atol: float = 0.0,
+        maxiter: int = 100,
+        ridge: float = 0.0,
+    ) -> None:
+        _check_nonnegative_number(tol, "tol")
+        _check_nonnegative_number(atol, "atol")
+        _check_nonnegative_number(ridge, "ridge")
+        if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+            raise ValueError(f"maxiter must be a non-negative int, got {maxiter!r}")
+        self.tol = float(tol)
+        self.atol = float(atol)
+        self.maxiter = maxiter
+        self.ridge = float(ridge)
+
+    @property
+    def fixed_iterations(self) -> bool:
+        """True in fixed-K mode (``tol == atol == 0``): no host syncs, vmappable."""
+        return self.tol == 0.0 and self.atol == 0.0
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+    def __call__(
+        self,
+        matvec: Matvec,
+        b: Tree,
+        x0: Tree | None = None,
+        rmatvec: Matvec | None = None,
+    ) -> tuple[Tree, SolveInfo]:
+        """Solve ``(A + ridge·I) x = b``; return ``x`` (same tree as ``b``) and a SolveInfo."""
+        if not callable(matvec):
+            raise TypeError(f"matvec must be callable (tree -> tree), got {type(matvec).__name__}")
+        if rmatvec is not None and not callable(rmatvec):
+            raise TypeError(f"rmatvec must be callable or None, got {type(rmatvec).__name__}")
+        check_float_tree(b, name="b")
+        if x0 is not None:
+            check_same_structure(b, x0, reference_name="b", other_name="x0")
+        problem = LinearProblem(
+            matvec=_CheckedOperator(matvec, b, self.ridge, "matvec"),
+            b=b,
+            x0=x0,
+            rmatvec=None if rmatvec is None else _CheckedOperator(rmatvec, b, self.ridge, "rmatvec"),
+        )
+        if not self.fixed_iterations:
+            if any_batched(b) or (x0 is not None and any_batched(x0)):
+                raise ValueError(
+                    f"{type(self).__name__}(tol={self.tol}, atol={self.atol}) stops adaptively, "
+                    "which needs the residual on the host and cannot run under torch.func.vmap. "
+                    f"Use fixed-K mode: {type(self).__name__}(tol=0, maxiter=K)."
+                )
+            trivial = self._trivial_solution(problem)
+            if trivial is not None:
+                return trivial
+        return self._solve(problem)
+
+    @abc.abstractmethod
+    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
+        """Solve a validated problem (adaptive or fixed-K according to ``self``)."""
+
+    # -- helpers shared by the iterative solvers ------------------------------------------
+
+    def _threshold(self, b_norm: float) -> float:
+        """Residual norm below which an adaptive solve stops."""
+        return max(self.tol * b_norm, self.atol)
+
+    def _trivial_solution(self, problem: LinearProblem) -> tuple[Tree, SolveInfo] | None:
+        """Non-finite or zero ``b`` in adaptive mode: answer without iterating."""
+        b_norm = float(tree_norm(problem.b))
+        if not torch.isfinite(torch.tensor(b_norm)):
+            x = tree_zeros_like(problem.b) if problem.x0 is None else problem.x0
+            return x, SolveInfo(False, 0, b_norm, "nonfinite")
+        if b_norm == 0.0:
+            return tree_zeros_like(problem.b), SolveInfo(True, 0, 0.0, "converged")
+        return None
+
+    def _adaptive_info(
+        self, residual_norm: float, iterations: int, b_norm: float, **stats: Any
+    ) -> SolveInfo:
+        """Info for an adaptive solve that ran out of budget or converged."""
+        if not torch.isfinite(torch.tensor(residual_norm)):
+            return SolveInfo(False, iterations, residual_norm, "nonfinite", stats)
+        if residual_norm <= self._threshold(b_norm):
+            return SolveInfo(True, iterations, residual_norm, "converged", stats)
+        return SolveInfo(False, iterations, residual_norm, "max_iterations", stats)
+
+    def _fixed_info(self, residual_norm: torch.Tensor, iterations: int, **stats: Any) -> SolveInfo:
+        """Info for a fixed-K solve: no host sync, never a failure unless non-finite."""
+        return SolveInfo(
+            torch.isfinite(residual_norm), iterations, residual_norm, "fixed_iterations", stats
+        )
+
+
+def _check_nonnegative_number(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value >= 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")

@@ -1,0 +1,188 @@
+"""Trees: a tensor, or nested tuple / list / dict of tensors.
+
+Every public function of bilevel accepts trees, so users never flatten parameters by hand
+(a ``dict`` from ``nn.Module.named_parameters()`` is a tree). The arithmetic here is
+leaf-wise and free of host synchronisation, so it runs unchanged under
+``torch.func.vmap`` and on CUDA.
+
+Structure is handled by ``torch.utils._pytree``, the same registry ``torch.func`` uses, so
+a tree that ``torch.func.grad`` accepts is a tree here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+import torch
+from torch.utils import _pytree as pytree
+
+Tree: TypeAlias = Any
+"""A ``torch.Tensor`` or a nested ``tuple`` / ``list`` / ``dict`` of tensors."""
+
+__all__ = [
+    "Tree",
+    "check_float_tree",
+    "check_same_structure",
+    "tree_add",
+    "tree_axpy",
+    "tree_dot",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_map",
+    "tree_norm",
+    "tree_ravel",
+    "tree_scale",
+    "tree_sub",
+    "tree_unflatten",
+    "tree_where",
+    "tree_zeros_like",
+]
+
+
+def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
+    """Leaves in a fixed order, and the structure needed to rebuild the tree."""
+    return pytree.tree_flatten(tree)
+
+
+def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
+    """Inverse of :func:`tree_flatten`."""
+    return pytree.tree_unflatten(list(leaves), spec)
+
+
+def tree_leaves(tree: Tree) -> list[Any]:
+    """The leaves of ``tree`` in flattening order."""
+    return pytree.tree_leaves(tree)
+
+
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """Apply ``fn`` leaf-wise to ``tree`` and trees of the same structure."""
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def tree_zeros_like(tree: Tree) -> Tree:
+    return tree_map(torch.zeros_like, tree)
+
+
+def tree_add(a: Tree, b: Tree) -> Tree:
+    return tree_map(torch.add, a, b)
+
+
+def tree_sub(a: Tree, b: Tree) -> Tree:
+    return tree_map(torch.sub, a, b)
+
+
+def tree_scale(alpha: torch.Tensor | float, a: Tree) -> Tree:
+    """``alpha * a`` for a scalar (python number or 0-d tensor) ``alpha``."""
+    return tree_map(lambda leaf: alpha * leaf, a)
+
+
+def tree_axpy(alpha: torch.Tensor | float, x: Tree, y: Tree) -> Tree:
+    """``alpha * x + y`` leaf-wise."""
+    return tree_map(lambda xl, yl: yl + alpha * xl, x, y)
+
+
+def tree_dot(a: Tree, b: Tree) -> torch.Tensor:
+    """Euclidean inner product ``Σ_leaves ⟨a_leaf, b_leaf⟩`` as a 0-d tensor."""
+    la, lb = tree_leaves(a), tree_leaves(b)
+    if len(la) != len(lb):
+        raise ValueError(f"tree_dot: trees have {len(la)} and {len(lb)} leaves")
+    total = torch.sum(la[0] * lb[0])
+    for x, y in zip(la[1:], lb[1:], strict=True):
+        total = total + torch.sum(x * y)
+    return total
+
+
+def tree_norm(a: Tree) -> torch.Tensor:
+    """Euclidean norm of all leaves taken together, as a 0-d tensor."""
+    return torch.sqrt(tree_dot(a, a))
+
+
+def tree_where(condition: torch.Tensor, a: Tree, b: Tree) -> Tree:
+    """Leaf-wise ``torch.where(condition, a, b)`` for a 0-d boolean ``condition``.
+
+    This is how fixed-iteration loops branch on tensor values without a host sync.
+    """
+    return tree_map(lambda x, y: torch.where(condition, x, y), a, b)
+
+
+def tree_ravel(tree: Tree) -> tuple[torch.Tensor, Callable[[torch.Tensor], Tree]]:
+    """Concatenate all leaves into one vector; return it and the inverse map."""
+    leaves, spec = tree_flatten(tree)
+    shapes = [leaf.shape for leaf in leaves]
+    sizes = [leaf.numel() for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+    flat = torch.cat([leaf.reshape(-1) for leaf in leaves]) if leaves else torch.zeros(0)
+
+    def unravel(vector: torch.Tensor) -> Tree:
+        parts = torch.split(vector, sizes)
+        return tree_unflatten(
+            [p.reshape(s).to(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)], spec
+        )
+
+    return flat, unravel
+
+
+def _describe(tree: Tree) -> str:
+    leaves, spec = tree_flatten(tree)
+    shapes = [
+        f"{tuple(leaf.shape)}:{str(leaf.dtype).removeprefix('torch.')}"
+        if isinstance(leaf, torch.Tensor)
+        else type(leaf).__name__
+        for leaf in leaves
+    ]
+    return f"structure {spec} with leaves [{', '.join(shapes)}]"
+
+
+def check_same_structure(
+    reference: Tree,
+    other: Tree,
+    *,
+    reference_name: str,
+    other_name: str,
+    check_dtype: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming both arguments unless the trees match leaf for leaf.
+
+    Structure, shapes and (optionally) dtypes must agree. This is a Python-level check: it
+    never synchronises with the device.
+    """
+    ref_leaves, ref_spec = tree_flatten(reference)
+    oth_leaves, oth_spec = tree_flatten(other)
+    problem = None
+    if ref_spec != oth_spec:
+        problem = "different tree structures"
+    else:
+        for i, (r, o) in enumerate(zip(ref_leaves, oth_leaves, strict=True)):
+            if not isinstance(o, torch.Tensor):
+                problem = f"leaf {i} of {other_name} is a {type(o).__name__}, not a tensor"
+            elif r.shape != o.shape:
+                problem = f"leaf {i} has shape {tuple(o.shape)}, expected {tuple(r.shape)}"
+            elif check_dtype and r.dtype != o.dtype:
+                problem = f"leaf {i} has dtype {o.dtype}, expected {r.dtype}"
+            if problem:
+                break
+    if problem:
+        raise ValueError(
+            f"{other_name} must have the same structure, shapes and dtypes as {reference_name} "
+            f"({problem}).\n  {reference_name}: {_describe(reference)}\n"
+            f"  {other_name}: {_describe(other)}"
+        )
+
+
+def check_float_tree(tree: Tree, *, name: str) -> None:
+    """Raise a clear error unless ``tree`` is a non-empty tree of floating-point tensors."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} is an empty tree; pass a tensor or a tree of tensors")
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a tensor or a tree (tuple/list/dict) of tensors; "
+                f"leaf {i} is a {type(leaf).__name__}. Convert it with torch.as_tensor."
+            )
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{name} must hold floating-point tensors; leaf {i} has dtype {leaf.dtype}. "
+                f"Convert it, e.g. with .to(torch.float32) or .double()."
+            )
