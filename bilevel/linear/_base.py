@@ -167,7 +167,9 @@ class LinearSolver(abc.ABC):
             matvec=_CheckedOperator(matvec, b, self.ridge, "matvec"),
             b=b,
             x0=x0,
-            rmatvec=None if rmatvec is None else _CheckedOperator(rmatvec, b, self.ridge, "rmatvec"),
+            rmatvec=None
+            if rmatvec is None
+            else _CheckedOperator(rmatvec, b, self.ridge, "rmatvec"),
         )
         if not self.fixed_iterations:
             if any_batched(b) or (x0 is not None and any_batched(x0)):
