@@ -1,0 +1,1 @@
+"""Few-shot classification with implicit meta-gradients (iMAML, Rajeswaran et al. 2019)."""
