@@ -195,7 +195,7 @@ class LinearSolver(abc.ABC):
 
     def _trivial_solution(self, problem: LinearProblem) -> tuple[Tree, SolveInfo] | None:
         """Non-finite or zero ``b`` in adaptive mode: answer without iterating."""
-        b_norm = float(tree_norm(problem.b))
+        b_norm = float(tree_norm(problem.b).detach())
         if not torch.isfinite(torch.tensor(b_norm)):
             x = tree_zeros_like(problem.b) if problem.x0 is None else problem.x0
             return x, SolveInfo(False, 0, b_norm, "nonfinite")

@@ -67,26 +67,26 @@ class CG(LinearSolver):
         if self.fixed_iterations:
             return self._solve_fixed(matvec, x, r, p, rz, matvecs)
 
-        b_norm = float(tree_norm(b))
+        b_norm = float(tree_norm(b).detach())
         threshold = self._threshold(b_norm)
-        r_norm = float(tree_norm(r))
+        r_norm = float(tree_norm(r).detach())
         iterations = 0
         while r_norm > threshold and iterations < self.maxiter and r_norm == r_norm:
             ap = matvec(p)
             matvecs += 1
             iterations += 1
-            curvature = float(tree_dot(p, ap))
+            curvature = float(tree_dot(p, ap).detach())
             if not curvature > 0.0:
                 reason = "nonfinite" if curvature != curvature else "breakdown"
                 info = SolveInfo(False, iterations, r_norm, reason, {"matvecs": matvecs})
                 return x, info
-            alpha = float(rz) / curvature
+            alpha = float(rz.detach()) / curvature
             x = tree_axpy(alpha, p, x)
             r = tree_axpy(-alpha, ap, r)
-            r_norm = float(tree_norm(r))
+            r_norm = float(tree_norm(r).detach())
             z = self._precondition(r)
             rz_new = tree_dot(r, z)
-            p = tree_axpy(float(rz_new) / float(rz), p, z)
+            p = tree_axpy(float(rz_new.detach()) / float(rz.detach()), p, z)
             rz = rz_new
         return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
 

@@ -1,0 +1,694 @@
+r"""Implicit differentiation of a root ``F(x*, θ) = 0`` in reverse and forward mode.
+
+With ``A = ∂F/∂x`` and ``B = ∂F/∂θ`` at ``(x*, θ)`` the implicit function theorem gives
+``∂x*/∂θ = −A⁻¹B`` (Krantz & Parks, *The Implicit Function Theorem*, 2002; Blondel et al.,
+"Efficient and Modular Implicit Differentiation", NeurIPS 2022). Neither matrix is formed:
+
+* reverse mode (VJP): for a cotangent ``v`` on ``x*`` solve ``Aᵀu = v``; the cotangent on θ
+  is ``−Bᵀu``. ``Aᵀu`` is a VJP of ``F`` in ``x`` through one linearisation built per solve.
+* forward mode (JVP): for a tangent ``t`` on θ solve ``A s = −B t``; ``s`` is the tangent of
+  ``x*``. ``A s`` is a JVP of ``F`` in ``x`` (a VJP when ``F`` is marked symmetric).
+
+:func:`custom_root` attaches this rule to any inner solver with a
+``torch.autograd.Function`` that has a forward-mode rule and a generated ``vmap`` rule, so
+``.backward()``, ``torch.autograd.grad``, ``torch.func.grad / vjp / jvp / vmap`` and
+``torch.autograd.forward_ad`` all see ``x*(θ)`` as a differentiable function while the
+inner solver's iterations are never recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from ._transforms import any_batched, any_wrapped
+from .errors import ConvergenceError, ConvergenceWarning
+from .linear import CG, LinearSolver, SolveInfo
+from .optimality import OptimalityFn, fixed_point, is_symmetric
+from .tree import (
+    Tree,
+    check_float_tree,
+    check_same_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_unflatten,
+    tree_zeros_like,
+)
+
+__all__ = [
+    "ImplicitFunction",
+    "custom_fixed_point",
+    "custom_root",
+    "implicit_grad",
+    "root_jvp",
+    "root_vjp",
+]
+
+OnFailure = Literal["warn", "raise", "ignore"]
+_ON_FAILURE = ("warn", "raise", "ignore")
+
+
+# --- low-level rules --------------------------------------------------------------------
+
+
+def _default_solver(symmetric: bool) -> LinearSolver:
+    if symmetric:
+        return CG(tol=1e-6, maxiter=100)
+    from .linear import GMRES  # GMRES lives beside CG; imported lazily to keep this import light
+
+    return GMRES(tol=1e-6, maxiter=100)
+
+
+def _substitute(args: Sequence[Any], indices: Sequence[int], values: Sequence[Any]) -> tuple:
+    full = list(args)
+    for i, v in zip(indices, values, strict=True):
+        full[i] = v
+    return tuple(full)
+
+
+def _is_float_tree(tree: Tree) -> bool:
+    leaves = tree_leaves(tree)
+    return bool(leaves) and all(
+        isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves
+    )
+
+
+def _checked(optimality_fn: OptimalityFn, x_star: Tree, args: Sequence[Any]) -> Callable:
+    """``x ↦ F(x, *args)``, raising a clear error when its output is not shaped like ``x``."""
+    first = [True]
+
+    def fx(x: Tree) -> Tree:
+        out = optimality_fn(x, *args)
+        if first[0]:
+            check_same_structure(
+                x_star,
+                out,
+                reference_name="the inner solution x",
+                other_name="optimality_fn(x, *args)",
+            )
+            first[0] = False
+        return out
+
+    return fx
+
+
+def _root_vjp(
+    optimality_fn: OptimalityFn,
+    x_star: Tree,
+    args: Sequence[Any],
+    cotangent: Tree,
+    solver: LinearSolver,
+    diff_indices: Sequence[int],
+) -> tuple[list[Tree], SolveInfo]:
+    fx = _checked(optimality_fn, x_star, args)
+    _, vjp_x = torch.func.vjp(fx, x_star)  # the linearisation, built once per solve
+
+    def rmatvec(u: Tree) -> Tree:  # Aᵀu
+        return vjp_x(u)[0]
+
+    u, info = solver(rmatvec, cotangent)
+    if not diff_indices:
+        return [], info
+
+    def f_args(*diff_args: Any) -> Tree:
+        return optimality_fn(x_star, *_substitute(args, diff_indices, diff_args))
+
+    _, vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff_indices))
+    neg_bt_u = vjp_args(tree_map(torch.neg, u))  # −Bᵀu
+    return list(neg_bt_u), info
+
+
+def _jvp_operator(f: Callable[..., Tree], primals: Sequence[Any]) -> Callable[..., Tree]:
+    """``t ↦ J_f(primals) t`` through one graph built here and reused for every ``t``.
+
+    The linear map ``t ↦ J t`` is obtained by transposing ``w ↦ Jᵀw`` (a VJP) with a second
+    VJP. Unlike ``torch.func.jvp`` this needs no dual level, so it also works inside
+    ``torch.autograd.forward_ad``, and each product replays a recorded graph instead of
+    re-running the forward pass.
+    """
+    out = f(*primals)
+
+    def transpose(w: Tree) -> tuple:
+        return torch.func.vjp(f, *primals)[1](w)
+
+    _, vjp_transpose = torch.func.vjp(transpose, tree_zeros_like(out))
+    return lambda *tangents: vjp_transpose(tuple(tangents))[0]
+
+
+def _root_jvp(
+    optimality_fn: OptimalityFn,
+    x_star: Tree,
+    args: Sequence[Any],
+    tangents: Sequence[Tree | None],
+    solver: LinearSolver,
+    symmetric: bool,
+) -> tuple[Tree, SolveInfo | None]:
+    indices = [i for i, t in enumerate(tangents) if t is not None]
+    if not indices:
+        return tree_zeros_like(x_star), None
+
+    def f_args(*diff_args: Any) -> Tree:
+        return optimality_fn(x_star, *_substitute(args, indices, diff_args))
+
+    bt = _jvp_operator(f_args, [args[i] for i in indices])(*(tangents[i] for i in indices))
+    fx = _checked(optimality_fn, x_star, args)
+    if symmetric:  # A = Aᵀ: a VJP through one reused graph is the cheapest product
+        _, vjp_x = torch.func.vjp(fx, x_star)
+
+        def matvec(s: Tree) -> Tree:
+            return vjp_x(s)[0]
+
+    else:
+        matvec = _jvp_operator(fx, [x_star])
+
+    return solver(matvec, tree_map(torch.neg, bt))
+
+
+def _resolve_solver(solver: LinearSolver | None, symmetric: bool) -> LinearSolver:
+    if solver is None:
+        return _default_solver(symmetric)
+    if not isinstance(solver, LinearSolver):
+        raise TypeError(
+            "solver must be a bilevel linear solver such as bl.CG(...), bl.GMRES(...) or "
+            f"bl.Dense(); got {type(solver).__name__}"
+        )
+    return solver
+
+
+def root_vjp(
+    optimality_fn: OptimalityFn,
+    x_star: Tree,
+    args: Sequence[Any],
+    cotangent: Tree,
+    solver: LinearSolver | None = None,
+    *,
+    argnums: int | Sequence[int] | None = None,
+) -> tuple[Tree | None, ...]:
+    r"""Cotangents on ``args`` of a cotangent ``v`` on the root ``x*`` of ``F(x, *args) = 0``.
+
+    Solves ``Aᵀu = v`` with ``A = ∂F/∂x`` and returns ``−Bᵀu`` per argument, with
+    ``B = ∂F/∂args``. Arguments that are not floating-point trees (or not in ``argnums``)
+    get ``None``.
+
+    Args:
+        optimality_fn: ``F(x, *args) -> tree like x``.
+        x_star: the root (any tree of float tensors).
+        args: the arguments of ``F`` after ``x``.
+        cotangent: a tree shaped like ``x_star``.
+        solver: linear solver for ``Aᵀu = v`` (default: CG if ``F`` is marked symmetric,
+            else GMRES).
+        argnums: which of ``args`` to differentiate (default: every float tree).
+    """
+    args = tuple(args)
+    check_float_tree(x_star, name="x_star")
+    check_same_structure(x_star, cotangent, reference_name="x_star", other_name="cotangent")
+    diff = _diff_indices(args, argnums)
+    grads, info = _root_vjp(
+        optimality_fn,
+        x_star,
+        args,
+        cotangent,
+        _resolve_solver(solver, is_symmetric(optimality_fn)),
+        diff,
+    )
+    out: list[Tree | None] = [None] * len(args)
+    for i, g in zip(diff, grads, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
+def root_jvp(
+    optimality_fn: OptimalityFn,
+    x_star: Tree,
+    args: Sequence[Any],
+    tangents: Sequence[Tree | None],
+    solver: LinearSolver | None = None,
+) -> Tree:
+    r"""Tangent of the root ``x*`` of ``F(x, *args) = 0`` for tangents on ``args``.
+
+    Solves ``A s = −B t`` with ``A = ∂F/∂x``, ``B t = Σᵢ ∂F/∂argsᵢ · tᵢ``; ``tangents`` is
+    aligned with ``args``, ``None`` meaning a zero tangent.
+    """
+    args, tangents = tuple(args), tuple(tangents)
+    if len(args) != len(tangents):
+        raise ValueError(
+            f"tangents must align with args: got {len(tangents)} tangents for {len(args)} args"
+        )
+    check_float_tree(x_star, name="x_star")
+    for i, (a, t) in enumerate(zip(args, tangents, strict=True)):
+        if t is not None:
+            check_same_structure(a, t, reference_name=f"args[{i}]", other_name=f"tangents[{i}]")
+    symmetric = is_symmetric(optimality_fn)
+    s, _ = _root_jvp(
+        optimality_fn, x_star, args, tangents, _resolve_solver(solver, symmetric), symmetric
+    )
+    return s
+
+
+def _diff_indices(args: Sequence[Any], argnums: int | Sequence[int] | None) -> list[int]:
+    if argnums is None:
+        return [i for i, a in enumerate(args) if _is_float_tree(a)]
+    nums = [argnums] if isinstance(argnums, int) else list(argnums)
+    for i in nums:
+        if isinstance(i, bool) or not isinstance(i, int) or not -len(args) <= i < len(args):
+            raise ValueError(f"argnums entry {i!r} is out of range for {len(args)} argument(s)")
+        if not _is_float_tree(args[i]):
+            raise TypeError(
+                f"argnums selects argument {i}, which is not a tree of floating-point tensors "
+                "and cannot be differentiated; drop it from argnums or convert it to float."
+            )
+    return sorted({i % len(args) for i in nums})
+
+
+# --- the autograd rule ------------------------------------------------------------------
+
+
+class _Call:
+    """Per-call state passed through ``torch.autograd.Function.apply`` (not a tensor)."""
+
+    def __init__(self, owner: ImplicitFunction, spec: Any, n_x0: int) -> None:
+        self.owner, self.spec, self.n_x0 = owner, spec, n_x0
+        self.x_spec: Any = None
+        self.aux: Any = None
+
+    def split(self, leaves: Sequence[Any]) -> tuple[Tree, tuple]:
+        x0, args = tree_unflatten(leaves, self.spec)
+        return x0, tuple(args)
+
+
+class _ImplicitRoot(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(call: _Call, *leaves: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        # Detached inputs: nothing the inner solver does can reach the caller's graph.
+        detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
+        x0, args = call.split(detached)
+        with torch.enable_grad():
+            out = call.owner.__wrapped__(x0, *args)
+        if call.owner.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    "has_aux=True: the inner solver must return a pair (x, aux), got "
+                    f"{type(out).__name__}"
+                )
+            out, call.aux = out
+        check_float_tree(out, name="the inner solver's output x")
+        x_leaves, call.x_spec = tree_flatten(out)
+        return tuple(t.detach() for t in x_leaves)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        call, leaves = inputs[0], inputs[1:]
+        ctx.call = call
+        tensor_pos = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        ctx.tensor_pos, ctx.leaves = (
+            tensor_pos,
+            [None if isinstance(t, torch.Tensor) else t for t in leaves],
+        )
+        ctx.n_out = len(output)
+        ctx.save_for_backward(*output, *(leaves[i] for i in tensor_pos))
+        ctx.save_for_forward(*output, *(leaves[i] for i in tensor_pos))
+
+    @staticmethod
+    def _restore(ctx: Any) -> tuple[Tree, tuple]:
+        saved = ctx.saved_tensors
+        x_star = tree_unflatten(saved[: ctx.n_out], ctx.call.x_spec)
+        leaves = list(ctx.leaves)
+        for i, t in zip(ctx.tensor_pos, saved[ctx.n_out :], strict=True):
+            leaves[i] = t
+        _, args = ctx.call.split(leaves)
+        return x_star, args
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple:  # type: ignore[override]
+        call: _Call = ctx.call
+        owner = call.owner
+        x_star, args = _ImplicitRoot._restore(ctx)
+        needs = ctx.needs_input_grad[1 + call.n_x0 :]
+        diff = _requested_args(owner, args, needs, call)
+        cotangent = tree_unflatten(list(cotangents), call.x_spec)
+        grads, info = _root_vjp(owner.optimality_fn, x_star, args, cotangent, owner.solver, diff)
+        owner._report(info, x_star, args, diff, cotangent)
+        per_arg: list[Tree | None] = [None] * len(args)
+        for i, g in zip(diff, grads, strict=True):
+            per_arg[i] = g
+        arg_grads = tree_leaves_aligned(args, per_arg)
+        return (None,) + (None,) * call.n_x0 + tuple(arg_grads)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangent_leaves: Any) -> tuple[torch.Tensor, ...]:
+        call: _Call = ctx.call
+        owner = call.owner
+        x_star, args = _ImplicitRoot._restore(ctx)
+        _, arg_tangent_leaves = tree_unflatten(list(tangent_leaves[1:]), call.spec)
+        tangents: list[Tree | None] = []
+        for i, (a, t) in enumerate(zip(args, arg_tangent_leaves, strict=True)):
+            t_leaves = tree_leaves(t)
+            if i not in owner._argnum_set(args) or all(v is None for v in t_leaves):
+                tangents.append(None)
+            else:  # a partially given tangent: missing leaves are zero
+                tangents.append(
+                    tree_map(
+                        lambda leaf, tl: torch.zeros_like(leaf) if tl is None else tl,
+                        a,
+                        t,
+                    )
+                )
+        s, info = _root_jvp(
+            owner.optimality_fn, x_star, args, tangents, owner.solver, owner.symmetric
+        )
+        if info is not None:
+            owner._report(info, x_star, args, [], None)
+        return tuple(tree_leaves(s))
+
+
+def tree_leaves_aligned(args: Sequence[Any], per_arg: Sequence[Tree | None]) -> list[Any]:
+    """Flatten per-argument gradients into one entry per leaf of ``args`` (``None`` fills)."""
+    out: list[Any] = []
+    for a, g in zip(args, per_arg, strict=True):
+        n = len(tree_leaves(a))
+        out.extend([None] * n if g is None else tree_leaves(g))
+    return out
+
+
+def _requested_args(
+    owner: ImplicitFunction, args: Sequence[Any], needs: Sequence[bool], call: _Call
+) -> list[int]:
+    """Float-tree arguments in ``argnums`` with at least one leaf needing a gradient."""
+    offsets, pos = [], 0
+    for a in args:
+        offsets.append(pos)
+        pos += len(tree_leaves(a))
+    chosen = owner._argnum_set(args)
+    return [
+        i
+        for i, a in enumerate(args)
+        if i in chosen and any(needs[offsets[i] : offsets[i] + len(tree_leaves(a))])
+    ]
+
+
+class ImplicitFunction:
+    """An inner solver made differentiable by the implicit function theorem.
+
+    Created by :func:`custom_root` / :func:`custom_fixed_point`; call it like the inner
+    solver, ``x_star = f(x0, *args)``. Attributes:
+
+    * ``latest_info``: the :class:`SolveInfo` of the most recent backward (or forward-mode)
+      linear solve, ``None`` before the first one; not updated under ``torch.func.vmap``
+      (where a fixed-K solve has nothing to report).
+    * ``optimality_fn``, ``solver``, ``symmetric``, ``argnums``, ``has_aux``, ``on_failure``.
+    """
+
+    def __init__(
+        self,
+        inner_solver: Callable[..., Any],
+        optimality_fn: OptimalityFn,
+        *,
+        solver: LinearSolver | None,
+        symmetric: bool | None,
+        has_aux: bool,
+        argnums: int | Sequence[int] | None,
+        on_failure: OnFailure,
+        callback: Callable[[SolveInfo], None] | None,
+    ) -> None:
+        if not callable(inner_solver):
+            raise TypeError(f"inner_solver must be callable, got {type(inner_solver).__name__}")
+        if not callable(optimality_fn):
+            raise TypeError(
+                "optimality_fn must be callable F(x, *args) -> tree like x, got "
+                f"{type(optimality_fn).__name__}"
+            )
+        if on_failure not in _ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable(SolveInfo), got {type(callback).__name__}")
+        self.__wrapped__ = inner_solver
+        self.optimality_fn = optimality_fn
+        self.symmetric = is_symmetric(optimality_fn) if symmetric is None else bool(symmetric)
+        self.solver = _resolve_solver(solver, self.symmetric)
+        self.has_aux = has_aux
+        self.argnums = argnums
+        self.on_failure: OnFailure = on_failure
+        self.callback = callback
+        self.latest_info: SolveInfo | None = None
+        self._dependence_checked = False
+        functools.update_wrapper(self, inner_solver)
+
+    def __repr__(self) -> str:
+        name = getattr(self.__wrapped__, "__name__", "inner_solver")
+        return f"ImplicitFunction({name}, optimality_fn={self.optimality_fn!r}, solver={self.solver!r})"
+
+    def _argnum_set(self, args: Sequence[Any]) -> set[int]:
+        return set(_diff_indices(args, self.argnums))
+
+    def __call__(self, x0: Tree, *args: Any) -> Any:
+        if self.argnums is not None:
+            _diff_indices(args, self.argnums)  # validate early, with the caller's frame
+        leaves, spec = tree_flatten((x0, list(args)))
+        call = _Call(self, spec, len(tree_leaves(x0)))
+        out_leaves = _ImplicitRoot.apply(call, *leaves)
+        x_star = tree_unflatten(list(out_leaves), call.x_spec)
+        return (x_star, call.aux) if self.has_aux else x_star
+
+    # -- diagnostics ------------------------------------------------------------------------
+
+    def _report(
+        self,
+        info: SolveInfo,
+        x_star: Tree,
+        args: Sequence[Any],
+        diff: Sequence[int],
+        cotangent: Tree | None,
+    ) -> None:
+        if any_batched(tree_leaves(info.residual_norm)):
+            return  # under vmap: batched diagnostics cannot outlive the transform
+        self.latest_info = info
+        if self.callback is not None:
+            self.callback(info)
+        if diff and not self._dependence_checked and not any_wrapped((x_star, args)):
+            self._dependence_checked = True
+            self._warn_unused_args(x_star, args, diff)
+        if not info.failed or self.on_failure == "ignore":
+            return
+        message = (
+            f"implicit differentiation of {getattr(self.__wrapped__, '__name__', 'inner_solver')}: "
+            f"the linear solve {self.solver!r} stopped with reason={info.reason!r} after "
+            f"{info.iterations} iterations (residual {info.residual_norm:.3g}). The gradient is "
+            "only as accurate as that residual; raise maxiter, loosen tol, add ridge=, or pass "
+            "on_failure='ignore'."
+        )
+        if info.reason == "breakdown":
+            message += (
+                " A CG breakdown means ∂F/∂x is not positive definite at the inner solution "
+                "(e.g. a saddle point or an unconverged inner solve): damp with ridge=, or use "
+                "bl.GMRES / bl.SciPy('minres')."
+            )
+        if self.on_failure == "raise":
+            raise ConvergenceError(message, info)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+    def _warn_unused_args(self, x_star: Tree, args: Sequence[Any], diff: Sequence[int]) -> None:
+        """Warn when a differentiated argument does not enter ``F`` (its gradient is zero).
+
+        The classic porting bug: θ only initialises the inner solver (``x0``), so the
+        implicit gradient through ``F`` is identically zero.
+        """
+        with torch.enable_grad():
+            probes = [tree_map(lambda t: t.detach().requires_grad_(True), args[i]) for i in diff]
+            x = tree_map(lambda t: t.detach(), x_star)
+            out = self.optimality_fn(x, *_substitute(args, diff, probes))
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            for i, probe in zip(diff, probes, strict=True):
+                leaves = tree_leaves(probe)
+                used = bool(outs) and any(
+                    g is not None
+                    for g in torch.autograd.grad(
+                        outs,
+                        leaves,
+                        grad_outputs=[torch.ones_like(t) for t in outs],
+                        allow_unused=True,
+                        retain_graph=True,
+                    )
+                )
+                if not used:
+                    warnings.warn(
+                        f"argument {i} of {getattr(self.__wrapped__, '__name__', 'the inner solver')} "
+                        "is differentiated but does not enter optimality_fn, so its implicit "
+                        "gradient is zero. If it only sets the initial point, the optimality "
+                        "condition is missing its dependence on it (e.g. iMAML's proximal term "
+                        "λ(φ − θ)).",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+
+
+# --- decorators -------------------------------------------------------------------------
+
+
+def custom_root(
+    optimality_fn: OptimalityFn,
+    *,
+    solver: LinearSolver | None = None,
+    has_aux: bool = False,
+    argnums: int | Sequence[int] | None = None,
+    symmetric: bool | None = None,
+    on_failure: OnFailure = "warn",
+    callback: Callable[[SolveInfo], None] | None = None,
+) -> Callable[[Callable[..., Any]], ImplicitFunction]:
+    r"""Decorate ``inner_solver(x0, *args) -> x*`` so that ``x*`` is differentiable in ``args``.
+
+    ``x*`` must satisfy ``optimality_fn(x*, *args) = 0``. The inner solver is a black box —
+    a GD loop calling ``torch.autograd.grad``, a ``torch.optim`` loop, ``scipy.optimize``, a
+    closed form — run with gradients enabled but on detached inputs, so none of its
+    iterations is recorded and memory does not grow with their number. Derivatives come from
+    the implicit function theorem (module docstring), for ``.backward()``,
+    ``torch.autograd.grad``, ``torch.autograd.forward_ad`` and ``torch.func.grad / vjp /
+    jvp / vmap``. Under ``vmap`` the inner solver must itself be vmappable and the linear
+    solver must be in fixed-K mode (``tol=0``).
+
+    Args:
+        optimality_fn: ``F(x, *args) -> tree like x``, e.g. ``bl.stationarity(loss)``.
+        solver: linear solver (default: ``CG(tol=1e-6, maxiter=100)`` when ``F`` is symmetric,
+            ``GMRES(tol=1e-6, maxiter=100)`` otherwise).
+        has_aux: the inner solver returns ``(x, aux)``; ``aux`` is passed through undifferentiated.
+        argnums: which ``args`` (0-based, after ``x0``) receive gradients; default every float
+            tree. ``x0`` never receives one.
+        symmetric: override ``F``'s own ``symmetric`` mark (``∂F/∂x = (∂F/∂x)ᵀ``).
+        on_failure: what a non-converged adaptive solve does: ``"warn"``
+            (:class:`~bilevel.ConvergenceWarning`), ``"raise"``
+            (:class:`~bilevel.ConvergenceError`) or ``"ignore"``. Fixed-K solves never fail.
+        callback: called with each backward/forward solve's :class:`~bilevel.SolveInfo`.
+
+    Returns:
+        A decorator producing an :class:`ImplicitFunction`.
+    """
+    if not callable(optimality_fn):
+        raise TypeError(
+            "custom_root(optimality_fn): optimality_fn must be callable F(x, *args) -> tree "
+            f"like x, got {type(optimality_fn).__name__}"
+        )
+
+    def decorator(inner_solver: Callable[..., Any]) -> ImplicitFunction:
+        return ImplicitFunction(
+            inner_solver,
+            optimality_fn,
+            solver=solver,
+            symmetric=symmetric,
+            has_aux=has_aux,
+            argnums=argnums,
+            on_failure=on_failure,
+            callback=callback,
+        )
+
+    return decorator
+
+
+def custom_fixed_point(
+    mapping: Callable[..., Tree],
+    *,
+    solver: LinearSolver | None = None,
+    has_aux: bool = False,
+    argnums: int | Sequence[int] | None = None,
+    on_failure: OnFailure = "warn",
+    callback: Callable[[SolveInfo], None] | None = None,
+) -> Callable[[Callable[..., Any]], ImplicitFunction]:
+    r"""Like :func:`custom_root` for a fixed point ``x* = T(x*, *args)``.
+
+    The optimality function is ``F = T(x, *args) − x`` (:func:`bilevel.fixed_point`); the
+    linear systems involve ``I − ∂T/∂x``, invertible when ``T`` is a contraction in ``x``.
+    """
+    return custom_root(
+        fixed_point(mapping),
+        solver=solver,
+        has_aux=has_aux,
+        argnums=argnums,
+        on_failure=on_failure,
+        callback=callback,
+    )
+
+
+def implicit_grad(
+    inner_solver: Callable[..., Any],
+    outer_loss: Callable[..., torch.Tensor],
+    optimality_fn: OptimalityFn | None = None,
+    solver: LinearSolver | None = None,
+    *,
+    argnums: int | Sequence[int] | None = None,
+) -> Callable[..., tuple[torch.Tensor, tuple[Tree | None, ...]]]:
+    r"""Value and gradient of ``outer_loss(x*(args), *args)`` with respect to ``args``.
+
+    ``grads`` holds, per argument, the total derivative: the direct term
+    ``∂outer/∂args`` plus the implicit term ``(∂x*/∂args)ᵀ ∇ₓ outer``. Arguments that are
+    not floating-point trees (or not in ``argnums``) get ``None``; ``x0`` gets nothing.
+    Built on ``torch.func.grad``, so the returned function composes with ``torch.func.vmap``
+    (fixed-K solver required there).
+
+    Args:
+        inner_solver: ``inner_solver(x0, *args) -> x*``; either already decorated with
+            :func:`custom_root` / :func:`custom_fixed_point`, or plain with ``optimality_fn``.
+        outer_loss: ``outer_loss(x*, *args) -> scalar tensor``.
+        optimality_fn: ``F(x, *args)``; required unless ``inner_solver`` is decorated.
+        solver: linear solver; overrides the decorated function's when given.
+        argnums: arguments to differentiate (default: every float tree).
+
+    Returns:
+        ``fn(x0, *args) -> (value, grads)`` with ``grads`` a tuple aligned with ``args``.
+    """
+    if not callable(outer_loss):
+        raise TypeError(f"outer_loss must be callable, got {type(outer_loss).__name__}")
+    if isinstance(inner_solver, ImplicitFunction):
+        root = inner_solver
+        if optimality_fn is not None or solver is not None:
+            root = ImplicitFunction(
+                inner_solver.__wrapped__,
+                inner_solver.optimality_fn if optimality_fn is None else optimality_fn,
+                solver=inner_solver.solver if solver is None else solver,
+                symmetric=None if optimality_fn is not None else inner_solver.symmetric,
+                has_aux=inner_solver.has_aux,
+                argnums=None,
+                on_failure=inner_solver.on_failure,
+                callback=inner_solver.callback,
+            )
+    elif optimality_fn is None:
+        raise TypeError(
+            "implicit_grad needs an optimality condition: pass optimality_fn= (e.g. "
+            "bl.stationarity(inner_loss)) or decorate the inner solver with @bl.custom_root(F) "
+            "/ @bl.custom_fixed_point(T)."
+        )
+    else:
+        root = custom_root(optimality_fn, solver=solver)(inner_solver)
+
+    def value_and_grads(x0: Tree, *args: Any) -> tuple[torch.Tensor, tuple[Tree | None, ...]]:
+        diff = _diff_indices(args, argnums)
+
+        def objective(*diff_args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            full = _substitute(args, diff, diff_args)
+            out = root(x0, *full)
+            x_star = out[0] if root.has_aux else out
+            value = outer_loss(x_star, *full)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise ValueError(
+                    f"outer_loss must return a scalar tensor, got {shape}; reduce it, e.g. "
+                    "with .mean() or .sum()."
+                )
+            value = value.reshape(())
+            return value, value
+
+        if not diff:
+            return objective()[1].detach(), (None,) * len(args)
+        grads, value = torch.func.grad(objective, argnums=tuple(range(len(diff))), has_aux=True)(
+            *(args[i] for i in diff)
+        )
+        out: list[Tree | None] = [None] * len(args)
+        for i, g in zip(diff, grads, strict=True):
+            out[i] = g
+        return value, tuple(out)
+
+    return value_and_grads
