@@ -208,7 +208,7 @@ def root_vjp(
     check_float_tree(x_star, name="x_star")
     check_same_structure(x_star, cotangent, reference_name="x_star", other_name="cotangent")
     diff = _diff_indices(args, argnums)
-    grads, info = _root_vjp(
+    grads, _ = _root_vjp(
         optimality_fn,
         x_star,
         args,
@@ -442,7 +442,10 @@ class ImplicitFunction:
 
     def __repr__(self) -> str:
         name = getattr(self.__wrapped__, "__name__", "inner_solver")
-        return f"ImplicitFunction({name}, optimality_fn={self.optimality_fn!r}, solver={self.solver!r})"
+        return (
+            f"ImplicitFunction({name}, optimality_fn={self.optimality_fn!r}, "
+            f"solver={self.solver!r})"
+        )
 
     def _argnum_set(self, args: Sequence[Any]) -> set[int]:
         return set(_diff_indices(args, self.argnums))
@@ -517,8 +520,9 @@ class ImplicitFunction:
                     )
                 )
                 if not used:
+                    name = getattr(self.__wrapped__, "__name__", "the inner solver")
                     warnings.warn(
-                        f"argument {i} of {getattr(self.__wrapped__, '__name__', 'the inner solver')} "
+                        f"argument {i} of {name} "
                         "is differentiated but does not enter optimality_fn, so its implicit "
                         "gradient is zero. If it only sets the initial point, the optimality "
                         "condition is missing its dependence on it (e.g. iMAML's proximal term "
