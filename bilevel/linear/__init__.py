@@ -2,5 +2,21 @@
 
 from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
 from .cg import CG
+from .dense import Dense
+from .gmres import GMRES
+from .neumann import Neumann
+from .normal_cg import NormalCG
+from .scipy_bridge import SciPy
 
-__all__ = ["CG", "LinearProblem", "LinearSolver", "Matvec", "SolveInfo"]
+__all__ = [
+    "CG",
+    "GMRES",
+    "Dense",
+    "LinearProblem",
+    "LinearSolver",
+    "Matvec",
+    "Neumann",
+    "NormalCG",
+    "SciPy",
+    "SolveInfo",
+]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -34,14 +35,16 @@ from ..tree import (
     check_float_tree,
     check_same_structure,
     tree_axpy,
+    tree_leaves,
     tree_norm,
+    tree_ravel,
     tree_zeros_like,
 )
 
 Matvec = Callable[[Tree], Tree]
 """A linear map on trees, ``v ↦ A v``."""
 
-__all__ = ["LinearProblem", "LinearSolver", "Matvec", "SolveInfo"]
+__all__ = ["Flattening", "LinearProblem", "LinearSolver", "Matvec", "SolveInfo"]
 
 #: Reasons a solve stops. ``fixed_iterations`` is the only reason a fixed-K solve reports.
 REASONS = ("converged", "max_iterations", "breakdown", "nonfinite", "fixed_iterations")
@@ -88,6 +91,50 @@ class LinearProblem:
     b: Tree
     x0: Tree | None
     rmatvec: Matvec | None
+
+
+class Flattening:
+    """Views the trees of one problem as a single flat vector, for solvers' inner loops.
+
+    Leaf-wise arithmetic on a tree of ``L`` leaves costs ``L`` kernels plus the pytree
+    traversal per operation; a Krylov iteration does several such operations but only one
+    ``matvec``. Raveling once per ``matvec`` instead (a ``torch.cat`` and a split) makes
+    every other operation a single kernel. A 1-D tensor is used as is; other trees are
+    raveled to their common dtype and unraveled back to each leaf's dtype.
+    """
+
+    def __init__(self, like: Tree) -> None:
+        self.identity = isinstance(like, torch.Tensor) and like.dim() == 1
+        if self.identity:
+            self.vector: torch.Tensor = like
+            self.unravel: Callable[[torch.Tensor], Tree] = _same
+        else:
+            self.vector, self.unravel = tree_ravel(like)
+
+    def ravel(self, tree: Tree) -> torch.Tensor:
+        """The flat vector of a tree shaped like ``like`` (in ``like``'s common dtype)."""
+        if self.identity:
+            return tree
+        leaves = tree_leaves(tree)
+        flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
+        return flat if flat.dtype == self.vector.dtype else flat.to(self.vector.dtype)
+
+    def lift(self, fn: Matvec | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``fn`` on trees as a map on flat vectors."""
+        if fn is None or self.identity:
+            return fn
+        return lambda v: self.ravel(fn(self.unravel(v)))
+
+    def problem(self, problem: LinearProblem) -> LinearProblem:
+        """``problem`` with flat ``b``, ``x0`` and operators."""
+        if self.identity:
+            return problem
+        x0 = None if problem.x0 is None else self.ravel(problem.x0)
+        return LinearProblem(self.lift(problem.matvec), self.vector, x0, self.lift(problem.rmatvec))
+
+
+def _same(v: torch.Tensor) -> torch.Tensor:
+    return v
 
 
 class _CheckedOperator:
@@ -196,7 +243,7 @@ class LinearSolver(abc.ABC):
     def _trivial_solution(self, problem: LinearProblem) -> tuple[Tree, SolveInfo] | None:
         """Non-finite or zero ``b`` in adaptive mode: answer without iterating."""
         b_norm = float(tree_norm(problem.b).detach())
-        if not torch.isfinite(torch.tensor(b_norm)):
+        if not math.isfinite(b_norm):
             x = tree_zeros_like(problem.b) if problem.x0 is None else problem.x0
             return x, SolveInfo(False, 0, b_norm, "nonfinite")
         if b_norm == 0.0:
@@ -207,7 +254,7 @@ class LinearSolver(abc.ABC):
         self, residual_norm: float, iterations: int, b_norm: float, **stats: Any
     ) -> SolveInfo:
         """Info for an adaptive solve that ran out of budget or converged."""
-        if not torch.isfinite(torch.tensor(residual_norm)):
+        if not math.isfinite(residual_norm):
             return SolveInfo(False, iterations, residual_norm, "nonfinite", stats)
         if residual_norm <= self._threshold(b_norm):
             return SolveInfo(True, iterations, residual_norm, "converged", stats)

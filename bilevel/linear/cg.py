@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import math
+from collections.abc import Callable
 
-from ..tree import Tree, tree_axpy, tree_dot, tree_map, tree_norm, tree_sub, tree_where
-from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo, _CheckedOperator
 
 __all__ = ["CG"]
 
@@ -29,7 +33,11 @@ class CG(LinearSolver):
       result stays finite.
 
     Args:
-        tol, atol, maxiter, ridge: see :class:`~bilevel.linear.LinearSolver`.
+        tol: relative tolerance: stop once ``‖b − A x‖ ≤ max(tol·‖b‖, atol)``; ``tol = atol = 0``
+            selects fixed-K mode.
+        atol: absolute tolerance on the residual norm.
+        maxiter: iteration budget (the exact number of iterations in fixed-K mode).
+        ridge: solve ``(A + ridge·I) x = b`` instead (damps indefinite or singular ``A``).
         preconditioner: optional ``M: tree -> tree`` approximating ``A⁻¹``; must be symmetric
             positive definite.
     """
@@ -53,64 +61,99 @@ class CG(LinearSolver):
             )
         self.preconditioner = preconditioner
 
-    def _precondition(self, r: Tree) -> Tree:
-        return r if self.preconditioner is None else self.preconditioner(r)
-
     def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
+        # Iterate on one flat vector: each update is then a single kernel whatever the tree.
+        flat = Flattening(problem.b)
+        precondition = _identity
+        if self.preconditioner is not None:
+            checked = _CheckedOperator(self.preconditioner, problem.b, 0.0, "preconditioner")
+            precondition = flat.lift(checked)
+        x, info = self._solve_flat(flat.problem(problem), precondition)
+        return flat.unravel(x), info
+
+    def _solve_flat(
+        self, problem: LinearProblem, precondition: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, SolveInfo]:
+        # Everything here is one flat vector of b's dtype: plain torch calls, no tree walks.
         matvec, b = problem.matvec, problem.b
         if problem.x0 is None:
-            x, r, matvecs = tree_map(torch.zeros_like, b), b, 0
+            x, r, matvecs = torch.zeros_like(b), b, 0
         else:
-            x, r, matvecs = problem.x0, tree_sub(b, matvec(problem.x0)), 1
-        z = self._precondition(r)
-        p, rz = z, tree_dot(r, z)
+            x, r, matvecs = problem.x0, b - matvec(problem.x0), 1
+        z = precondition(r)
+        p, rz = z, torch.dot(r, z)
         if self.fixed_iterations:
-            return self._solve_fixed(matvec, x, r, p, rz, matvecs)
+            return self._solve_fixed(matvec, precondition, x, r, p, rz, matvecs)
 
-        b_norm = float(tree_norm(b).detach())
+        # Adaptive: scalars live on the host; one fused kernel per update. Without a
+        # preconditioner rᵀz = ‖r‖², so the residual norm costs no extra reduction.
+        plain = precondition is _identity
+        b_norm = torch.linalg.vector_norm(b).item()
         threshold = self._threshold(b_norm)
-        r_norm = float(tree_norm(r).detach())
+        rz = rz.item()
+        r_norm = math.sqrt(rz) if plain else torch.linalg.vector_norm(r).item()
         iterations = 0
         while r_norm > threshold and iterations < self.maxiter and r_norm == r_norm:
             ap = matvec(p)
             matvecs += 1
             iterations += 1
-            curvature = float(tree_dot(p, ap).detach())
+            curvature = torch.dot(p, ap).item()
             if not curvature > 0.0:
                 reason = "nonfinite" if curvature != curvature else "breakdown"
                 info = SolveInfo(False, iterations, r_norm, reason, {"matvecs": matvecs})
                 return x, info
-            alpha = float(rz.detach()) / curvature
-            x = tree_axpy(alpha, p, x)
-            r = tree_axpy(-alpha, ap, r)
-            r_norm = float(tree_norm(r).detach())
-            z = self._precondition(r)
-            rz_new = tree_dot(r, z)
-            p = tree_axpy(float(rz_new.detach()) / float(rz.detach()), p, z)
+            alpha = rz / curvature
+            x = torch.add(x, p, alpha=alpha)
+            r = torch.add(r, ap, alpha=-alpha)
+            z = precondition(r)
+            rz_new = torch.dot(r, z).item()
+            r_norm = math.sqrt(rz_new) if plain else torch.linalg.vector_norm(r).item()
+            p = torch.add(z, p, alpha=rz_new / rz)
             rz = rz_new
         return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
 
     def _solve_fixed(
-        self, matvec: Matvec, x: Tree, r: Tree, p: Tree, rz: torch.Tensor, matvecs: int
-    ) -> tuple[Tree, SolveInfo]:
-        # Every branch is a torch.where on 0-d tensors: no host sync, vmappable.
-        skipped = torch.zeros((), dtype=torch.int64, device=rz.device)
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        precondition: Callable[[Tensor], Tensor],
+        x: Tensor,
+        r: Tensor,
+        p: Tensor,
+        rz: Tensor,
+        matvecs: int,
+    ) -> tuple[Tensor, SolveInfo]:
+        # No host sync and no Python branch on tensor values: vmappable. A step is taken
+        # only where pᵀAp > 0 (``step`` = 1): elsewhere alpha = 0 leaves x and r in place
+        # and beta = 0 restarts the search direction from z = M r. Exact convergence gives
+        # p = 0 and pᵀAp = 0: a no-op step, not a skip. A NaN curvature is caught in the
+        # info (converged false), never hidden. Every operation is differentiable, in
+        # reverse and forward mode, with finite derivatives in the masked branches.
+        tiny = torch.finfo(rz.dtype).tiny
+        history = []
         for _ in range(self.maxiter):
             ap = matvec(p)
-            curvature = tree_dot(p, ap)
-            # Exact convergence gives p = 0 and curvature 0: a no-op step, not a skip.
-            positive = curvature > 0
-            active = rz > 0
-            alpha = torch.where(positive, rz / torch.where(positive, curvature, 1), 0)
-            x = tree_where(positive, tree_axpy(alpha, p, x), x)
-            r = tree_where(positive, tree_axpy(-alpha, ap, r), r)
-            z = self._precondition(r)
-            rz_new = tree_dot(r, z)
-            beta = torch.where(active, rz_new / torch.where(active, rz, 1), 0)
-            # After a skipped step restart from steepest descent instead of reusing p.
-            p = tree_where(positive, tree_axpy(beta, p, z), z)
+            curvature = torch.dot(p, ap)
+            step = (curvature > 0).to(curvature.dtype)
+            alpha = rz * step / curvature.clamp_min(tiny)  # step first: no inf·0
+            x = torch.addcmul(x, alpha, p)
+            r = torch.addcmul(r, alpha, ap, value=-1)
+            z = precondition(r)
+            rz_new = torch.dot(r, z)
+            p = torch.addcmul(z, rz_new * step / rz.clamp_min(tiny), p)
+            history.append((curvature, rz))
             rz = rz_new
-            skipped = skipped + (~positive & active).to(skipped.dtype)
         matvecs += self.maxiter
-        info = self._fixed_info(tree_norm(r), self.maxiter, skipped_steps=skipped, matvecs=matvecs)
-        return x, info
+        residual = torch.linalg.vector_norm(r)
+        if history:
+            curvatures, rzs = (torch.stack(h) for h in zip(*history, strict=True))
+            skipped = ((curvatures <= 0) & (rzs > 0)).sum()
+            finite = torch.isfinite(residual) & torch.isfinite(curvatures).all()
+        else:
+            skipped = torch.zeros((), dtype=torch.int64, device=rz.device)
+            finite = torch.isfinite(residual)
+        stats = {"skipped_steps": skipped, "matvecs": matvecs}
+        return x, SolveInfo(finite, self.maxiter, residual, "fixed_iterations", stats)
+
+
+def _identity(r: Tree) -> Tree:
+    return r

@@ -1,0 +1,131 @@
+"""The shared test matrix: every linear solver × operator structure × dtype.
+
+References come from ``torch.linalg.solve`` on an explicitly built matrix, never from the
+code under test. Adding a solver means adding one row to ``SOLVERS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import bilevel as bl
+
+# -- operators: each knows its explicit matrix, its spectrum bounds and how to ravel ------
+
+
+@dataclasses.dataclass
+class Operator:
+    matrix: torch.Tensor  # explicit (n, n) matrix, used only for the reference solution
+    matvec: Callable[[Any], Any]
+    b: Any
+    diagonal: Any  # diag(A) as a tree shaped like b (for the Jacobi preconditioner)
+    ravel: Callable[[Any], torch.Tensor]
+    lam_min: float
+    lam_max: float
+
+
+def _spd(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.linspace(1.0, 4.0, n, dtype=torch.float64)
+    return ((q * eigenvalues) @ q.T).to(dtype)
+
+
+def dense_operator(dtype: torch.dtype) -> Operator:
+    g = torch.Generator().manual_seed(1)
+    a = _spd(12, dtype, g)
+    b = torch.randn(12, generator=g, dtype=torch.float64).to(dtype)
+    return Operator(a, lambda v: a @ v, b, torch.diagonal(a).clone(), lambda t: t, 1.0, 4.0)
+
+
+def block_operator(dtype: torch.dtype) -> Operator:
+    """A dict tree {"w": (3, 2), "bias": (4,)} acted on by a coupled 10 × 10 SPD matrix."""
+    g = torch.Generator().manual_seed(2)
+    a = _spd(10, dtype, g)
+    a11, a12, a21, a22 = a[:6, :6], a[:6, 6:], a[6:, :6], a[6:, 6:]
+
+    def matvec(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w, bias = v["w"].reshape(6), v["bias"]
+        return {"w": (a11 @ w + a12 @ bias).reshape(3, 2), "bias": a21 @ w + a22 @ bias}
+
+    def ravel(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t["w"].reshape(6), t["bias"]])
+
+    b = {
+        "w": torch.randn(3, 2, generator=g, dtype=torch.float64).to(dtype),
+        "bias": torch.randn(4, generator=g, dtype=torch.float64).to(dtype),
+    }
+    d = torch.diagonal(a)
+    return Operator(a, matvec, b, {"w": d[:6].reshape(3, 2), "bias": d[6:]}, ravel, 1.0, 4.0)
+
+
+def diagonal_operator(dtype: torch.dtype) -> Operator:
+    """A 2-D leaf scaled element-wise: A = diag(d), d in [1, 4]."""
+    g = torch.Generator().manual_seed(3)
+    d = (1.0 + 3.0 * torch.rand(4, 5, generator=g, dtype=torch.float64)).to(dtype)
+    b = torch.randn(4, 5, generator=g, dtype=torch.float64).to(dtype)
+    lo, hi = float(d.min()), float(d.max())
+    return Operator(torch.diag(d.reshape(-1)), lambda v: d * v, b, d, torch.ravel, lo, hi)
+
+
+OPERATORS = {"dense": dense_operator, "block_dict": block_operator, "diagonal": diagonal_operator}
+
+# -- solvers: (factory(operator, dtype) -> solver, needs rmatvec) --------------------------
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-10 if dtype == torch.float64 else 1e-6
+
+
+def _jacobi(op: Operator) -> Callable[[Any], Any]:
+    inverse = bl.tree.tree_map(torch.reciprocal, op.diagonal)
+    return lambda r: bl.tree.tree_map(torch.mul, inverse, r)
+
+
+SOLVERS: dict[str, Callable[[Operator, torch.dtype], bl.LinearSolver]] = {
+    "cg": lambda op, dt: bl.CG(tol=_tol(dt), maxiter=200),
+    "cg_jacobi": lambda op, dt: bl.CG(tol=_tol(dt), maxiter=200, preconditioner=_jacobi(op)),
+    "cg_fixed": lambda op, dt: bl.CG(tol=0, maxiter=40),
+    "neumann": lambda op, dt: bl.Neumann(steps=80, alpha=2.0 / (op.lam_min + op.lam_max)),
+    "gmres": lambda op, dt: bl.GMRES(tol=_tol(dt), maxiter=200, restart=8),
+    "gmres_fixed": lambda op, dt: bl.GMRES(tol=0, maxiter=40, restart=8),
+    "normal_cg": lambda op, dt: bl.NormalCG(tol=_tol(dt) / 10, maxiter=200),
+    "dense_lu": lambda op, dt: bl.Dense(),
+    "dense_cholesky": lambda op, dt: bl.Dense(positive_definite=True),
+    "scipy_cg": lambda op, dt: bl.SciPy("cg", tol=_tol(dt), maxiter=200),
+    "scipy_minres": lambda op, dt: bl.SciPy("minres", tol=_tol(dt), maxiter=200),
+    "scipy_gmres": lambda op, dt: bl.SciPy("gmres", tol=_tol(dt), maxiter=50),
+    "scipy_bicgstab": lambda op, dt: bl.SciPy("bicgstab", tol=_tol(dt), maxiter=200),
+    "scipy_lgmres": lambda op, dt: bl.SciPy("lgmres", tol=_tol(dt), maxiter=50),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("operator", list(OPERATORS))
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_solver_matches_linalg_solve(solver: str, operator: str, dtype: torch.dtype) -> None:
+    op = OPERATORS[operator](dtype)
+    x, info = SOLVERS[solver](op, dtype)(op.matvec, op.b)
+
+    reference = torch.linalg.solve(op.matrix.double(), op.ravel(op.b).double())
+    # Same tree structure, shapes and dtypes as b.
+    bl.tree.check_same_structure(op.b, x, reference_name="b", other_name="x")
+    error = torch.linalg.vector_norm(op.ravel(x).double() - reference)
+    rtol = 1e-8 if dtype == torch.float64 else 1e-4
+    assert error <= rtol * torch.linalg.vector_norm(reference), (error, info)
+
+    assert bool(info.converged), info
+    assert info.reason in ("converged", "fixed_iterations")
+    assert not info.failed
+    assert torch.isfinite(torch.as_tensor(info.residual_norm))
+    true_residual = torch.linalg.vector_norm(
+        op.ravel(op.b).double() - op.matrix.double() @ op.ravel(x).double()
+    )
+    # The reported residual is the tracked one; it must agree with the true one up to rounding.
+    slack = 1e-8 if dtype == torch.float64 else 1e-4
+    b_norm = float(torch.linalg.vector_norm(op.ravel(op.b).double()))
+    assert abs(float(info.residual_norm) - float(true_residual)) <= slack * b_norm * 10
