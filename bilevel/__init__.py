@@ -1,6 +1,6 @@
 """bilevel: implicit differentiation of bilevel problems in PyTorch."""
 
-from . import tree
+from . import inner, tree
 from .errors import ConvergenceError, ConvergenceWarning
 from .implicit import (
     ImplicitFunction,
@@ -10,22 +10,45 @@ from .implicit import (
     root_jvp,
     root_vjp,
 )
-from .linear import CG, LinearSolver, SolveInfo
-from .optimality import fixed_point, stationarity
+from .linear import CG, GMRES, Dense, LinearSolver, Neumann, NormalCG, SciPy, SolveInfo
+from .optimality import (
+    fixed_point,
+    projected_gradient,
+    projection_box,
+    projection_l2_ball,
+    projection_simplex,
+    prox_elastic_net,
+    prox_lasso,
+    proximal_gradient,
+    stationarity,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "GMRES",
     "ConvergenceError",
     "ConvergenceWarning",
+    "Dense",
     "ImplicitFunction",
     "LinearSolver",
+    "Neumann",
+    "NormalCG",
+    "SciPy",
     "SolveInfo",
     "custom_fixed_point",
     "custom_root",
     "fixed_point",
     "implicit_grad",
+    "inner",
+    "projected_gradient",
+    "projection_box",
+    "projection_l2_ball",
+    "projection_simplex",
+    "prox_elastic_net",
+    "prox_lasso",
+    "proximal_gradient",
     "root_jvp",
     "root_vjp",
     "stationarity",

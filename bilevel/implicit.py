@@ -105,6 +105,8 @@ def _root_vjp(
     solver: LinearSolver,
     diff_indices: Sequence[int],
 ) -> tuple[list[Tree], SolveInfo]:
+    if not torch.is_grad_enabled() and not any_wrapped((x_star, args, cotangent)):
+        return _root_vjp_eager(optimality_fn, x_star, args, cotangent, solver, diff_indices)
     fx = _checked(optimality_fn, x_star, args)
     _, vjp_x = torch.func.vjp(fx, x_star)  # the linearisation, built once per solve
 
@@ -121,6 +123,67 @@ def _root_vjp(
     _, vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff_indices))
     neg_bt_u = vjp_args(tree_map(torch.neg, u))  # −Bᵀu
     return list(neg_bt_u), info
+
+
+def _root_vjp_eager(
+    optimality_fn: OptimalityFn,
+    x_star: Tree,
+    args: Sequence[Any],
+    cotangent: Tree,
+    solver: LinearSolver,
+    diff_indices: Sequence[int],
+) -> tuple[list[Tree], SolveInfo]:
+    """:func:`_root_vjp` outside ``torch.func`` transforms and without ``create_graph``.
+
+    One evaluation of ``F`` records a graph in both ``x`` and the differentiated args; every
+    ``Aᵀu`` replays it with ``torch.autograd.grad(..., retain_graph=True)`` and the final
+    ``−Bᵀu`` reuses it once more. Plain autograd costs less per product than a
+    ``torch.func.vjp`` closure, and the shared graph saves a second evaluation of ``F``.
+    """
+    x = tree_map(lambda t: t.detach().requires_grad_(True), x_star)
+    probes = [tree_map(lambda t: t.detach().requires_grad_(True), args[i]) for i in diff_indices]
+    with torch.enable_grad():
+        out = optimality_fn(x, *_substitute(args, diff_indices, probes))
+    check_same_structure(
+        x_star, out, reference_name="the inner solution x", other_name="optimality_fn(x, *args)"
+    )
+    x_leaves, x_spec = tree_flatten(x)
+    out_leaves = tree_leaves(out)
+    live = [i for i, t in enumerate(out_leaves) if t.requires_grad]  # the rest are constant
+
+    def pull_back(u: Tree, inputs: list[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+        u_leaves = tree_leaves(u)
+        grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
+        if live and inputs:
+            grads = torch.autograd.grad(
+                [out_leaves[i] for i in live],
+                inputs,
+                grad_outputs=[u_leaves[i] for i in live],
+                retain_graph=retain,
+                allow_unused=True,
+            )
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+
+    def rmatvec(u: Tree) -> Tree:  # Aᵀu
+        if single:  # one tensor: skip the tree bookkeeping
+            (g,) = torch.autograd.grad(
+                out_leaves[0], x_leaves[0], u, retain_graph=True, allow_unused=True
+            )
+            return torch.zeros_like(x_leaves[0]) if g is None else g
+        return tree_unflatten(pull_back(u, x_leaves, retain=True), x_spec)
+
+    single = len(x_leaves) == 1 and x_spec.is_leaf() and live == [0]
+    u, info = solver(rmatvec, cotangent)
+    if not diff_indices:
+        return [], info
+    probe_leaves = tree_leaves(probes)
+    flat = pull_back(tree_map(torch.neg, u), probe_leaves, retain=False)  # −Bᵀu
+    grads, pos = [], 0
+    for probe in probes:
+        leaves, spec = tree_flatten(probe)
+        grads.append(tree_unflatten(flat[pos : pos + len(leaves)], spec))
+        pos += len(leaves)
+    return grads, info
 
 
 def _jvp_operator(f: Callable[..., Tree], primals: Sequence[Any]) -> Callable[..., Tree]:
@@ -532,6 +595,25 @@ class ImplicitFunction:
                     )
 
 
+def _eager_grad(
+    objective: Callable[..., tuple[torch.Tensor, torch.Tensor]], diff_args: Sequence[Tree]
+) -> tuple[list[Tree], torch.Tensor]:
+    """``torch.func.grad(objective, has_aux=True)`` for untransformed inputs, via autograd."""
+    probes = [tree_map(lambda t: t.detach().requires_grad_(True), a) for a in diff_args]
+    with torch.enable_grad():
+        value, _ = objective(*probes)
+        flat = torch.autograd.grad(value, tree_leaves(probes), allow_unused=True)
+    grads, pos = [], 0
+    for probe in probes:
+        leaves, spec = tree_flatten(probe)
+        parts = flat[pos : pos + len(leaves)]
+        pos += len(leaves)
+        pairs = zip(leaves, parts, strict=True)
+        filled = [torch.zeros_like(t) if g is None else g for t, g in pairs]
+        grads.append(tree_unflatten(filled, spec))
+    return grads, value.detach()
+
+
 # --- decorators -------------------------------------------------------------------------
 
 
@@ -687,9 +769,15 @@ def implicit_grad(
 
         if not diff:
             return objective()[1].detach(), (None,) * len(args)
-        grads, value = torch.func.grad(objective, argnums=tuple(range(len(diff))), has_aux=True)(
-            *(args[i] for i in diff)
-        )
+        diff_args = [args[i] for i in diff]
+        if any_wrapped((x0, args)) or any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(args)
+        ):  # under torch.func transforms, or higher-order use: compose with torch.func.grad
+            grads, value = torch.func.grad(
+                objective, argnums=tuple(range(len(diff))), has_aux=True
+            )(*diff_args)
+        else:  # plain autograd: less overhead, and host-side solvers (bl.SciPy) work
+            grads, value = _eager_grad(objective, diff_args)
         out: list[Tree | None] = [None] * len(args)
         for i, g in zip(diff, grads, strict=True):
             out[i] = g

@@ -5,6 +5,22 @@ in ``x`` is the inner solution. The implicit function theorem differentiates ``x
 through ``F`` alone, so any solver that finds the root can be used. Functions built here
 carry an attribute ``symmetric``: ``True`` when ``∂F/∂x`` is symmetric (a Hessian), which
 lets the implicit layer pick conjugate gradients and use one VJP for both ``A`` and ``Aᵀ``.
+
+Conditions provided here:
+
+* :func:`stationarity` — ``∇ₓ f(x, θ) = 0`` (unconstrained smooth minimisation);
+* :func:`fixed_point` — ``T(x, θ) − x = 0``;
+* :func:`proximal_gradient` — ``prox_{ηg}(x − η∇f(x, θ)) − x = 0`` (composite problems
+  ``f + g`` with a non-smooth ``g``: Lasso, elastic net), with the proximal operators
+  :func:`prox_lasso` and :func:`prox_elastic_net`;
+* :func:`projected_gradient` — ``proj_C(x − η∇f(x, θ)) − x = 0`` (smooth ``f`` over a convex
+  set ``C``), with :func:`projection_box`, :func:`projection_simplex` and
+  :func:`projection_l2_ball`.
+
+The proximal and projection operators are written with differentiable torch primitives
+only (no host synchronisation, no data-dependent shapes), so they are differentiable in
+their hyperparameters (the ℓ₁ strength, the box bounds, the radius) and run under
+``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -14,9 +30,31 @@ from typing import Any
 
 import torch
 
-from .tree import Tree, tree_sub
+from ._transforms import any_wrapped
+from .tree import (
+    Tree,
+    tree_axpy,
+    tree_dot,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_sub,
+    tree_unflatten,
+)
 
-__all__ = ["OptimalityFn", "fixed_point", "is_symmetric", "stationarity"]
+__all__ = [
+    "OptimalityFn",
+    "fixed_point",
+    "is_symmetric",
+    "projected_gradient",
+    "projection_box",
+    "projection_l2_ball",
+    "projection_simplex",
+    "prox_elastic_net",
+    "prox_lasso",
+    "proximal_gradient",
+    "stationarity",
+]
 
 OptimalityFn = Callable[..., Tree]
 """``F(x, *args) -> tree like x``."""
@@ -52,9 +90,37 @@ def stationarity(loss: Callable[..., torch.Tensor]) -> OptimalityFn:
     grad_fn = torch.func.grad(loss, argnums=0)
 
     def optimality_fn(x: Tree, *args: Any) -> Tree:
+        if (
+            torch.is_grad_enabled()
+            and all(t.requires_grad for t in tree_leaves(x))
+            and not any_wrapped((x, args))
+        ):  # x is tracked by plain autograd (as in the implicit backward pass)
+            return _autograd_gradient(loss, x, args)
         return grad_fn(x, *args)
 
     return _mark(optimality_fn, symmetric=True, name=f"stationarity({_name(loss)})")
+
+
+def _autograd_gradient(loss: Callable[..., torch.Tensor], x: Tree, args: tuple) -> Tree:
+    """``∇ₓ loss`` with plain autograd for an ``x`` whose leaves all require grad.
+
+    The result is differentiable (``create_graph=True``). Outside ``torch.func`` transforms
+    this records a cheaper graph than ``torch.func.grad`` (about 30% less to build for a
+    ridge loss); the values are identical.
+    """
+    inputs, spec = tree_flatten(x)
+    with torch.enable_grad():
+        value = loss(tree_unflatten(inputs, spec), *args)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"stationarity: loss(x, *args) must return a scalar tensor, got {shape}"
+            )
+        grads = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
+    return tree_unflatten(
+        [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)],
+        spec,
+    )
 
 
 def fixed_point(mapping: Callable[..., Tree]) -> OptimalityFn:
@@ -75,3 +141,322 @@ def fixed_point(mapping: Callable[..., Tree]) -> OptimalityFn:
 
 def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+# --- proximal- and projected-gradient fixed points ------------------------------------------
+
+HyperSelector = int | Callable[..., Any] | None
+"""Where a prox / projection finds its hyperparameter among ``args``: an index into ``args``,
+a callable ``(*args) -> hyper``, or ``None`` (the operator receives ``None``)."""
+
+
+def _selector(selector: HyperSelector, name: str) -> Callable[[tuple], Any]:
+    if selector is None:
+        return lambda args: None
+    if isinstance(selector, bool):
+        raise TypeError(f"{name} must be an int index into args, a callable or None, got a bool")
+    if isinstance(selector, int):
+        index = selector
+
+        def pick(args: tuple) -> Any:
+            if not -len(args) <= index < len(args):
+                raise IndexError(
+                    f"{name}={index} is out of range: the optimality function received "
+                    f"{len(args)} argument(s) after x"
+                )
+            return args[index]
+
+        return pick
+    if callable(selector):
+        return lambda args: selector(*args)
+    raise TypeError(
+        f"{name} must be an int index into args, a callable (*args) -> hyper, or None; "
+        f"got {type(selector).__name__}"
+    )
+
+
+def _check_step(step: float) -> float:
+    if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step < float("inf"):
+        raise ValueError(f"step must be a finite positive number, got {step!r}")
+    return float(step)
+
+
+def proximal_gradient(
+    f: Callable[..., torch.Tensor],
+    prox: Callable[[Tree, Any, float], Tree],
+    step: float = 1.0,
+    *,
+    prox_hyper: HyperSelector = None,
+) -> OptimalityFn:
+    r"""Fixed point of proximal gradient descent on ``min_x f(x, *args) + g(x, hyper)``.
+
+    ``x*`` minimises the composite objective iff it is a fixed point of one proximal
+    gradient step (Combettes & Wajs, 2005; Parikh & Boyd, *Proximal Algorithms*, 2014,
+    §4.2), so the returned optimality function is
+
+    ```text
+    F(x, *args) = prox_{ηg}(x − η ∇ₓ f(x, *args), hyper) − x,     hyper = select(args)
+    ```
+
+    with ``η = step``. Any ``η > 0`` has the same fixed points; ``η ≈ 1/L`` (``L`` the
+    Lipschitz constant of ``∇f``) gives the best-conditioned ``∂F/∂x``. Differentiating
+    through ``F`` is the approach of Blondel et al. (NeurIPS 2022, §2.2) and Bertrand et al.
+    ("Implicit differentiation of Lasso-type models", ICML 2020).
+
+    Assumptions: ``f`` is twice differentiable in ``x`` and differentiable in ``args``;
+    ``prox`` is differentiable almost everywhere (soft-thresholding is piecewise linear) and
+    ``∂F/∂x = D(I − η∇²f) − I`` is invertible at ``x*``, where ``D`` is the Jacobian of the
+    prox. For the Lasso, ``D`` is the 0/1 mask of the support and invertibility means the
+    Hessian restricted to the support is non-singular (a unique solution); the derivative
+    of the zero coordinates is zero. ``∂F/∂x`` is not symmetric (``symmetric=False``), so
+    the default linear solver is GMRES.
+
+    Args:
+        f: the smooth part, ``f(x, *args) -> scalar`` (receives every argument).
+        prox: ``prox(v, hyper, scale) -> tree like v``, the proximal operator of
+            ``scale · g(·, hyper)``, e.g. :func:`prox_lasso` or :func:`prox_elastic_net`.
+        step: ``η > 0``.
+        prox_hyper: how ``hyper`` is taken from ``args``: an index (``prox_hyper=0`` passes
+            ``args[0]``), a callable ``(*args) -> hyper``, or ``None`` (``hyper=None``).
+
+    Example:
+        >>> def f(w, lam, X, y):
+        ...     return ((X @ w - y) ** 2).sum() / (2 * len(y))
+        >>> F = proximal_gradient(f, prox_lasso, step=0.1, prox_hyper=0)  # lam = args[0]
+    """
+    if not callable(f):
+        raise TypeError(f"proximal_gradient(f, ...): f must be callable, got {type(f).__name__}")
+    if not callable(prox):
+        raise TypeError(
+            f"proximal_gradient(f, prox): prox must be callable, got {type(prox).__name__}"
+        )
+    eta = _check_step(step)
+    select = _selector(prox_hyper, "prox_hyper")
+    grad_f = torch.func.grad(f, argnums=0)
+
+    def optimality_fn(x: Tree, *args: Any) -> Tree:
+        v = tree_axpy(-eta, grad_f(x, *args), x)
+        return tree_sub(prox(v, select(args), eta), x)
+
+    name = f"proximal_gradient({_name(f)}, {_name(prox)})"
+    return _mark(optimality_fn, symmetric=False, name=name)
+
+
+def projected_gradient(
+    f: Callable[..., torch.Tensor],
+    projection: Callable[[Tree, Any], Tree],
+    step: float = 1.0,
+    *,
+    proj_hyper: HyperSelector = None,
+) -> OptimalityFn:
+    r"""Fixed point of projected gradient descent on ``min_{x ∈ C(hyper)} f(x, *args)``.
+
+    For a closed convex set ``C``, ``x*`` is a minimiser of the convex ``f`` over ``C`` iff
+    it is a fixed point of one projected gradient step (Bertsekas, *Nonlinear Programming*,
+    3rd ed., Prop. 1.1.9 / §2.3), so
+
+    ```text
+    F(x, *args) = proj_C(x − η ∇ₓ f(x, *args), hyper) − x,     hyper = select(args)
+    ```
+
+    with ``η = step > 0`` (any value has the same fixed points). ``∂F/∂x = D(I − η∇²f) − I``
+    with ``D`` the Jacobian of the projection at ``x* − η∇f``; it is not symmetric
+    (``symmetric=False``, default solver GMRES) and is invertible when ``∇²f`` is positive
+    definite on the face of ``C`` containing ``x*`` (e.g. strictly convex ``f``) and strict
+    complementarity holds. The projections are differentiable in ``hyper`` (bounds,
+    radius), so the set itself can be a hyperparameter.
+
+    Args:
+        f: the objective, ``f(x, *args) -> scalar`` (receives every argument).
+        projection: ``projection(v, hyper) -> tree like v``, the Euclidean projection onto
+            ``C(hyper)``: :func:`projection_box`, :func:`projection_simplex`,
+            :func:`projection_l2_ball`, or your own.
+        step: ``η > 0``.
+        proj_hyper: how ``hyper`` is taken from ``args``: an index into ``args``, a callable
+            ``(*args) -> hyper``, or ``None`` (``hyper=None``: the projection's default set,
+            e.g. the unit simplex).
+
+    Example:
+        >>> def f(x, Q, c):
+        ...     return 0.5 * x @ Q @ x + c @ x
+        >>> F = projected_gradient(f, projection_simplex, step=0.5)
+    """
+    if not callable(f):
+        raise TypeError(f"projected_gradient(f, ...): f must be callable, got {type(f).__name__}")
+    if not callable(projection):
+        raise TypeError(
+            "projected_gradient(f, projection): projection must be callable, got "
+            f"{type(projection).__name__}"
+        )
+    eta = _check_step(step)
+    select = _selector(proj_hyper, "proj_hyper")
+    grad_f = torch.func.grad(f, argnums=0)
+
+    def optimality_fn(x: Tree, *args: Any) -> Tree:
+        v = tree_axpy(-eta, grad_f(x, *args), x)
+        return tree_sub(projection(v, select(args)), x)
+
+    name = f"projected_gradient({_name(f)}, {_name(projection)})"
+    return _mark(optimality_fn, symmetric=False, name=name)
+
+
+# --- proximal operators -------------------------------------------------------------------
+
+
+def _is_scalar_like(value: Any) -> bool:
+    return isinstance(value, int | float | torch.Tensor)
+
+
+def _leafwise(fn: Callable[..., torch.Tensor], v: Tree, *hypers: Any) -> Tree:
+    """Apply ``fn(leaf, *hyper_leaves)``; a tensor/number hyper is shared by every leaf."""
+    leaves, spec = tree_flatten(v)
+    per_hyper = []
+    for h in hypers:
+        if _is_scalar_like(h):
+            per_hyper.append([h] * len(leaves))
+        else:
+            h_leaves, h_spec = tree_flatten(h)
+            if h_spec != spec:
+                raise ValueError(
+                    "a hyperparameter given as a tree must have the structure of x "
+                    f"(x: {spec}; hyperparameter: {h_spec}); or pass one tensor / number "
+                    "shared by every leaf"
+                )
+            per_hyper.append(h_leaves)
+    out = [fn(leaf, *(h[i] for h in per_hyper)) for i, leaf in enumerate(leaves)]
+    return tree_unflatten(out, spec)
+
+
+def _soft_threshold(v: torch.Tensor, threshold: Any) -> torch.Tensor:
+    return torch.sign(v) * torch.relu(v.abs() - threshold)
+
+
+def prox_lasso(v: Tree, strength: Any, scale: float = 1.0) -> Tree:
+    r"""Proximal operator of ``scale · strength · ‖x‖₁``: soft-thresholding.
+
+    ``prox(v)ᵢ = sign(vᵢ) · max(|vᵢ| − scale · strengthᵢ, 0)`` (Donoho, 1995; Parikh & Boyd,
+    2014, §6.5.2). Differentiable almost everywhere in ``v`` (Jacobian: the 0/1 mask of
+    ``|vᵢ| > scale·strengthᵢ``) and in ``strength`` (``−scale · sign(vᵢ)`` on that mask).
+
+    Args:
+        v: a tree of tensors.
+        strength: ``λ ≥ 0``: a number or tensor broadcast to every leaf (a scalar, or one
+            weight per coordinate), or a tree with the structure of ``v``.
+        scale: the step ``η`` multiplying ``g``.
+    """
+    if strength is None:
+        raise ValueError(
+            "prox_lasso needs the ℓ₁ strength: pass prox_hyper= to proximal_gradient (an "
+            "index into args or a callable (*args) -> strength)"
+        )
+    return _leafwise(lambda leaf, lam: _soft_threshold(leaf, scale * lam), v, strength)
+
+
+def prox_elastic_net(v: Tree, hyper: Any, scale: float = 1.0) -> Tree:
+    r"""Proximal operator of ``scale · (λ₁‖x‖₁ + (λ₂/2)‖x‖²)`` (elastic net).
+
+    ``prox(v)ᵢ = sign(vᵢ) · max(|vᵢ| − scale·λ₁, 0) / (1 + scale·λ₂)`` (Zou & Hastie, 2005;
+    Parikh & Boyd, 2014, §6.5.3). Differentiable almost everywhere in ``v``, ``λ₁`` and
+    ``λ₂``.
+
+    Args:
+        v: a tree of tensors.
+        hyper: the pair ``(λ₁, λ₂)``, each a number or tensor shared by every leaf, or a
+            tree with the structure of ``v``.
+        scale: the step ``η`` multiplying ``g``.
+    """
+    if not (isinstance(hyper, tuple | list) and len(hyper) == 2):
+        raise ValueError(
+            "prox_elastic_net needs hyper=(l1, l2); pass prox_hyper= to proximal_gradient "
+            f"selecting such a pair, got {type(hyper).__name__}"
+        )
+    l1, l2 = hyper
+    return _leafwise(
+        lambda leaf, a, b: _soft_threshold(leaf, scale * a) / (1 + scale * b), v, l1, l2
+    )
+
+
+# --- projections --------------------------------------------------------------------------
+
+
+def projection_box(v: Tree, bounds: Any) -> Tree:
+    r"""Euclidean projection onto the box ``{x : lower ≤ x ≤ upper}``: ``min(max(v, l), u)``.
+
+    Differentiable almost everywhere in ``v`` (Jacobian: the mask of coordinates strictly
+    inside the box) and in the bounds (the complementary masks).
+
+    Args:
+        v: a tree of tensors.
+        bounds: the pair ``(lower, upper)``; each a number, a tensor broadcast to every leaf,
+            or a tree with the structure of ``v``. Requires ``lower ≤ upper``.
+    """
+    if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
+        raise ValueError(
+            "projection_box needs bounds=(lower, upper); pass proj_hyper= to "
+            "projected_gradient selecting such a pair (e.g. proj_hyper=lambda *args: (0.0, 1.0))"
+        )
+    lower, upper = bounds
+
+    def clip(leaf: torch.Tensor, lo: Any, hi: Any) -> torch.Tensor:
+        lo = torch.as_tensor(lo, dtype=leaf.dtype, device=leaf.device)
+        hi = torch.as_tensor(hi, dtype=leaf.dtype, device=leaf.device)
+        return torch.minimum(torch.maximum(leaf, lo), hi)
+
+    return _leafwise(clip, v, lower, upper)
+
+
+def _simplex_last_axis(v: torch.Tensor, radius: Any) -> torch.Tensor:
+    if v.dim() == 0:
+        return _simplex_last_axis(v.unsqueeze(0), radius).squeeze(0)
+    if isinstance(radius, torch.Tensor) and radius.dim() > 0:
+        radius = radius.to(v.dtype).unsqueeze(-1)
+    d = v.shape[-1]
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    cumulative = torch.cumsum(u, dim=-1) - radius  # css_k − r
+    k = torch.arange(1, d + 1, dtype=v.dtype, device=v.device)
+    # ρ = max{k : u_k − (css_k − r)/k > 0}; the condition holds exactly for k ≤ ρ.
+    rho = (u * k > cumulative).sum(dim=-1, keepdim=True).clamp(min=1)
+    tau = torch.gather(cumulative, -1, rho - 1) / rho.to(v.dtype)
+    return torch.relu(v - tau)
+
+
+def projection_simplex(v: Tree, radius: Any = None) -> Tree:
+    r"""Euclidean projection onto the simplex ``{x : x ≥ 0, Σᵢ xᵢ = r}`` along the last axis.
+
+    Each leaf is projected row-wise over its last dimension (a matrix is a batch of
+    distributions; a 0-d leaf is a 1-element simplex). Sort-based algorithm of Held, Wolfe
+    & Crowder (1974) and Duchi et al. ("Efficient projections onto the ℓ1-ball for learning
+    in high dimensions", ICML 2008), ``O(d log d)``; see Condat (2016) for a survey: with
+    ``u`` sorted in decreasing order, ``ρ = max{k : u_k > (Σ_{j≤k} u_j − r)/k}``,
+    ``τ = (Σ_{j≤ρ} u_j − r)/ρ`` and ``x = max(v − τ, 0)``.
+
+    Written with sort, cumsum and gather only — no host synchronisation — so it runs under
+    ``vmap`` and autograd gives its Jacobian almost everywhere,
+    ``diag(s) − s sᵀ/|s|`` with ``s`` the support mask, and its derivative in ``r``,
+    ``s/|s|``.
+
+    Args:
+        v: a tree of tensors.
+        radius: ``r > 0`` (default 1): a number, a tensor broadcast over rows, or a tree with
+            the structure of ``v``.
+    """
+    r = 1.0 if radius is None else radius
+    return _leafwise(_simplex_last_axis, v, r)
+
+
+def projection_l2_ball(v: Tree, radius: Any = None) -> Tree:
+    r"""Euclidean projection onto the ball ``{x : ‖x‖₂ ≤ r}``, the norm over the whole tree.
+
+    ``proj(v) = v · min(1, r/‖v‖)``. Differentiable in ``v`` and ``r`` except on the sphere;
+    the inside branch is guarded so no NaN appears at ``v = 0``.
+
+    Args:
+        v: a tree of tensors.
+        radius: ``r > 0`` (default 1): a number or a 0-d tensor.
+    """
+    r = 1.0 if radius is None else radius
+    sq = tree_dot(v, v)
+    inside = sq <= r**2
+    safe = torch.where(inside, torch.ones_like(sq), sq)
+    factor = torch.where(inside, torch.ones_like(sq), r / torch.sqrt(safe))
+    return tree_map(lambda leaf: leaf * factor, v)

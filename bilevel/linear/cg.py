@@ -86,30 +86,35 @@ class CG(LinearSolver):
             return self._solve_fixed(matvec, precondition, x, r, p, rz, matvecs)
 
         # Adaptive: scalars live on the host; one fused kernel per update. Without a
-        # preconditioner rᵀz = ‖r‖², so the residual norm costs no extra reduction.
+        # preconditioner rᵀz = ‖r‖², so the residual norm costs no extra reduction. When the
+        # solve itself is being differentiated (a create_graph backward, a Hessian of the
+        # outer loss) the step sizes stay 0-d tensors so that they remain in the graph.
         plain = precondition is _identity
         b_norm = torch.linalg.vector_norm(b).item()
         threshold = self._threshold(b_norm)
-        rz = rz.item()
+        rz_t, rz = rz, rz.item()
         r_norm = math.sqrt(rz) if plain else torch.linalg.vector_norm(r).item()
         iterations = 0
         while r_norm > threshold and iterations < self.maxiter and r_norm == r_norm:
             ap = matvec(p)
             matvecs += 1
             iterations += 1
-            curvature = torch.dot(p, ap).item()
+            curvature_t = torch.dot(p, ap)
+            curvature = curvature_t.item()
             if not curvature > 0.0:
                 reason = "nonfinite" if curvature != curvature else "breakdown"
                 info = SolveInfo(False, iterations, r_norm, reason, {"matvecs": matvecs})
                 return x, info
-            alpha = rz / curvature
-            x = torch.add(x, p, alpha=alpha)
-            r = torch.add(r, ap, alpha=-alpha)
+            track = torch.is_grad_enabled() and (ap.requires_grad or b.requires_grad)
+            alpha = rz_t / curvature_t if track else rz / curvature
+            x = x + alpha * p if track else torch.add(x, p, alpha=alpha)
+            r = r - alpha * ap if track else torch.add(r, ap, alpha=-alpha)
             z = precondition(r)
-            rz_new = torch.dot(r, z).item()
+            rz_new_t = torch.dot(r, z)
+            rz_new = rz_new_t.item()
             r_norm = math.sqrt(rz_new) if plain else torch.linalg.vector_norm(r).item()
-            p = torch.add(z, p, alpha=rz_new / rz)
-            rz = rz_new
+            p = z + (rz_new_t / rz_t) * p if track else torch.add(z, p, alpha=rz_new / rz)
+            rz_t, rz = rz_new_t, rz_new
         return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
 
     def _solve_fixed(
