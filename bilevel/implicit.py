@@ -597,11 +597,11 @@ class ImplicitFunction:
 
 def _eager_grad(
     objective: Callable[..., tuple[torch.Tensor, torch.Tensor]], diff_args: Sequence[Tree]
-) -> tuple[list[Tree], torch.Tensor]:
+) -> tuple[list[Tree], Any]:
     """``torch.func.grad(objective, has_aux=True)`` for untransformed inputs, via autograd."""
     probes = [tree_map(lambda t: t.detach().requires_grad_(True), a) for a in diff_args]
     with torch.enable_grad():
-        value, _ = objective(*probes)
+        value, payload = objective(*probes)
         flat = torch.autograd.grad(value, tree_leaves(probes), allow_unused=True)
     grads, pos = [], 0
     for probe in probes:
@@ -611,7 +611,7 @@ def _eager_grad(
         pairs = zip(leaves, parts, strict=True)
         filled = [torch.zeros_like(t) if g is None else g for t, g in pairs]
         grads.append(tree_unflatten(filled, spec))
-    return grads, value.detach()
+    return grads, tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, payload)
 
 
 # --- decorators -------------------------------------------------------------------------
@@ -706,7 +706,8 @@ def implicit_grad(
     solver: LinearSolver | None = None,
     *,
     argnums: int | Sequence[int] | None = None,
-) -> Callable[..., tuple[torch.Tensor, tuple[Tree | None, ...]]]:
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, tuple[Tree | None, ...]]]:
     r"""Value and gradient of ``outer_loss(x*(args), *args)`` with respect to ``args``.
 
     ``grads`` holds, per argument, the total derivative: the direct term
@@ -722,9 +723,12 @@ def implicit_grad(
         optimality_fn: ``F(x, *args)``; required unless ``inner_solver`` is decorated.
         solver: linear solver; overrides the decorated function's when given.
         argnums: arguments to differentiate (default: every float tree).
+        has_aux: ``outer_loss`` returns ``(scalar, aux)``; ``aux`` (e.g. ``x*`` itself, to
+            warm-start the next inner solve) is returned undifferentiated.
 
     Returns:
-        ``fn(x0, *args) -> (value, grads)`` with ``grads`` a tuple aligned with ``args``.
+        ``fn(x0, *args) -> (value, grads)`` with ``grads`` a tuple aligned with ``args``;
+        with ``has_aux``, ``fn(x0, *args) -> ((value, aux), grads)``.
     """
     if not callable(outer_loss):
         raise TypeError(f"outer_loss must be callable, got {type(outer_loss).__name__}")
@@ -750,14 +754,22 @@ def implicit_grad(
     else:
         root = custom_root(optimality_fn, solver=solver)(inner_solver)
 
-    def value_and_grads(x0: Tree, *args: Any) -> tuple[torch.Tensor, tuple[Tree | None, ...]]:
+    def value_and_grads(x0: Tree, *args: Any) -> tuple[Any, tuple[Tree | None, ...]]:
         diff = _diff_indices(args, argnums)
 
-        def objective(*diff_args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def objective(*diff_args: Any) -> tuple[torch.Tensor, Any]:
             full = _substitute(args, diff, diff_args)
             out = root(x0, *full)
             x_star = out[0] if root.has_aux else out
             value = outer_loss(x_star, *full)
+            aux = None
+            if has_aux:
+                if not (isinstance(value, tuple) and len(value) == 2):
+                    raise TypeError(
+                        "has_aux=True: outer_loss must return a pair (scalar, aux), got "
+                        f"{type(value).__name__}"
+                    )
+                value, aux = value
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
                 raise ValueError(
@@ -765,10 +777,12 @@ def implicit_grad(
                     "with .mean() or .sum()."
                 )
             value = value.reshape(())
-            return value, value
+            return value, ((value, aux) if has_aux else value)
 
         if not diff:
-            return objective()[1].detach(), (None,) * len(args)
+            payload = objective()[1]
+            detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, payload)
+            return detached, (None,) * len(args)
         diff_args = [args[i] for i in diff]
         if any_wrapped((x0, args)) or any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(args)

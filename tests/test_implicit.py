@@ -651,3 +651,30 @@ def test_second_order_hessian_of_outer_loss_matches_closed_form(solver: bl.Linea
         lambda t: 0.5 * ((Xv @ root(torch.zeros(d, dtype=F64), t) - yv) ** 2).sum(), theta
     )
     assert rel_err(hessian, reference) < 1e-8
+
+
+def test_implicit_grad_has_aux_returns_the_solution_for_warm_starts() -> None:
+    torch.manual_seed(4)
+    X, y = torch.randn(25, 4, dtype=F64), torch.randn(25, dtype=F64)
+
+    def inner_loss(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w**2).sum()
+
+    def closed(lam: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(X.T @ X + lam * torch.eye(4, dtype=F64), X.T @ y)
+
+    solve = bl.custom_root(bl.stationarity(inner_loss), solver=bl.CG(tol=1e-12))(
+        lambda w0, lam: closed(lam)
+    )
+    lam = torch.tensor(0.7, dtype=F64)
+    (value, x_star), grads = bl.implicit_grad(
+        solve, lambda w, lam: ((w**2).sum(), w), has_aux=True
+    )(torch.zeros(4, dtype=F64), lam)
+    assert rel_err(x_star, closed(lam)) < 1e-12 and not x_star.requires_grad
+    reference = torch.func.grad(lambda t: (closed(t) ** 2).sum())(lam)
+    assert abs(float(value) - float((closed(lam) ** 2).sum())) < 1e-12
+    assert rel_err(grads[0], reference) < 1e-8
+    with pytest.raises(TypeError, match="has_aux=True: outer_loss must return a pair"):
+        bl.implicit_grad(solve, lambda w, lam: (w**2).sum(), has_aux=True)(
+            torch.zeros(4, dtype=F64), lam
+        )
