@@ -1,0 +1,451 @@
+"""Training and evaluation runs: configuration, checkpoints, metrics, learning curves.
+
+A run lives in one output directory::
+
+    out_dir/
+      config.json        the resolved configuration
+      checkpoint.pt      latest checkpoint (written atomically: temp file + os.replace)
+      metrics.jsonl      one JSON object per line: {"kind": "train" | "val" | "test", "step", ...}
+      curve.png          learning curve (training meta-accuracy, validation accuracy)
+      results.json       final test accuracy, both adaptation modes, mean ± 95% CI
+
+A checkpoint holds the meta-parameters, the Adam state, the task sampler's random state and
+torch's global RNG state, so ``--resume`` continues exactly: a run interrupted after any
+checkpoint and resumed produces the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .meta import (
+    GradientDescent,
+    MetaLearner,
+    NewtonCG,
+    build_meta_learner,
+    confidence_interval,
+)
+from .models import build_model
+
+__all__ = ["Config", "build_learner", "evaluate_learner", "load_checkpoint", "train"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+TEST_SEED = 20191  # fixed: every model is tested on the same 600 tasks
+VAL_SEED = 4242
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a run (the CLI's presets fill these; flags override them)."""
+
+    method: str = "imaml"  # imaml | maml | fomaml
+    dataset: str = "omniglot"  # omniglot | omniglot-lake | glyphs | sinusoid
+    data_dir: str | None = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1  # query examples per class during meta-training
+    eval_queries: int = 5  # query examples per class for validation / test tasks
+    meta_batch: int = 32
+    meta_lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (over `steps`)
+    steps: int = 20000  # meta-steps
+    time_limit: float | None = None  # minutes of training; stops early (then tests)
+    inner: str = "gd"  # gd | newton-cg
+    inner_steps: int = 16
+    inner_lr: float = 0.1
+    safeguard: bool = True  # monotone inner GD (reject + halve on increase)
+    inner_clip: float | None = None
+    newton_cg_steps: int = 5
+    newton_damping: float = 1.0
+    lam: float = 2.0
+    cg_steps: int = 5
+    cg_ridge: float = 0.0
+    max_meta_grad_norm: float | None = None
+    zero_head: bool = False
+    hidden: int = 64  # conv4 filters (64 in the paper; smaller only for fast tests)
+    batched: bool = True  # vmap across the tasks of a meta-batch
+    val_every: int = 500
+    val_tasks: int = 100
+    test_tasks: int = 600
+    eval_batch: int = 25
+    log_every: int = 10
+    ckpt_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --- construction ------------------------------------------------------------------------
+
+
+def _splits(dataset: str) -> tuple[str, str | None, str]:
+    if dataset == "omniglot-lake":
+        return "background", None, "evaluation"
+    return "train", "val", "test"
+
+
+def load_images(cfg: Config, split: str) -> torch.Tensor:
+    from .tasks import load_dataset
+
+    return load_dataset(cfg.dataset, split, data_dir=cfg.data_dir).to(cfg.device)
+
+
+def make_sampler(cfg: Config, split: str | None, *, queries: int, seed: int) -> Any:
+    if cfg.dataset == "sinusoid":
+        from .sinusoid import SinusoidSampler
+
+        return SinusoidSampler(cfg.shots, queries, seed=seed)
+    from .tasks import TaskSampler
+
+    assert split is not None
+    return TaskSampler(load_images(cfg, split), cfg.ways, cfg.shots, queries, seed=seed)
+
+
+def build_learner(cfg: Config) -> MetaLearner:
+    """The meta-learner a configuration describes, freshly initialised (seeded)."""
+    regression = cfg.dataset == "sinusoid"
+    model = build_model(
+        "mlp" if regression else "conv4",
+        ways=cfg.ways,
+        seed=cfg.seed,
+        zero_head=cfg.zero_head,
+        hidden=cfg.hidden,
+    )
+    if cfg.inner == "gd":
+        inner: Any = GradientDescent(
+            cfg.inner_steps, cfg.inner_lr, safeguard=cfg.safeguard, max_grad_norm=cfg.inner_clip
+        )
+    elif cfg.inner == "newton-cg":
+        inner = NewtonCG(
+            steps=cfg.inner_steps,
+            cg_steps=cfg.newton_cg_steps,
+            lr=cfg.inner_lr,
+            damping=cfg.newton_damping,
+            safeguard=cfg.safeguard,
+        )
+    else:
+        raise ValueError(f"unknown inner solver {cfg.inner!r}; expected 'gd' or 'newton-cg'")
+    return build_meta_learner(
+        cfg.method,
+        model,
+        task="regression" if regression else "classification",
+        inner=inner,
+        lam=cfg.lam,
+        cg_steps=cfg.cg_steps,
+        cg_ridge=cfg.cg_ridge,
+        meta_lr=cfg.meta_lr,
+        batched=cfg.batched,
+        max_meta_grad_norm=cfg.max_meta_grad_norm,
+        device=cfg.device,
+    )
+
+
+def _lr_at(cfg: Config, step: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.meta_lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.meta_lr * 0.5 * (1.0 + math.cos(math.pi * min(step / max(cfg.steps, 1), 1.0)))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected 'constant' or 'cosine'")
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+def evaluate_learner(
+    learner: MetaLearner,
+    sampler: Any,
+    num_tasks: int,
+    *,
+    batch: int = 25,
+    modes: tuple[str, ...] = ("prox", "gd"),
+) -> dict[str, dict[str, float]]:
+    """Mean ± 95% CI of the query metric over ``num_tasks`` tasks, per adaptation mode.
+
+    The same tasks are used for every mode (drawn once).
+    """
+    batches = []
+    remaining = num_tasks
+    while remaining > 0:
+        batches.append(sampler.sample(min(batch, remaining)))
+        remaining -= batches[-1].support_x.shape[0]
+    out = {}
+    for mode in modes:
+        losses, metrics = [], []
+        for b in batches:
+            loss, metric = learner.evaluate(b, mode)
+            losses.append(loss)
+            metrics.append(metric)
+        mean, half = confidence_interval(torch.cat(metrics).cpu())
+        out[mode] = {
+            "metric": mean,
+            "ci95": half,
+            "loss": float(torch.cat(losses).mean()),
+            "tasks": num_tasks,
+        }
+    return out
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash leaves either the old or the new checkpoint, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def plot_curve(metrics_path: Path, png_path: Path, title: str = "") -> None:
+    """Learning curve: training meta-accuracy (query, after adaptation) and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = _read_metrics(metrics_path)
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    if train:
+        ax.plot(
+            [r["step"] for r in train],
+            [r["metric"] for r in train],
+            lw=0.8,
+            alpha=0.6,
+            label="meta-train (query, running)",
+        )
+    for mode, style in (("prox", "o-"), ("gd", "s--")):
+        pts = [(r["step"], r[mode]["metric"]) for r in val if mode in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, ms=3, label=f"validation ({mode} adaptation)")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("accuracy" if not train or "acc" not in title else "metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def train(
+    cfg: Config,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Meta-train, validate periodically, checkpoint, then test on ``cfg.test_tasks`` tasks.
+
+    Args:
+        cfg: the run's configuration.
+        out_dir: output directory (created).
+        resume: continue from ``out_dir/checkpoint.pt``.
+        stop_after: stop (after checkpointing) once this many meta-steps are done in total,
+            without testing — simulates an interrupted run (used by the resume test).
+        progress: show a tqdm progress bar.
+        log: where to print human-readable lines.
+
+    Returns:
+        A summary dict (also written to ``results.json`` when the run completes).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train_split, val_split, test_split = _splits(cfg.dataset)
+    sampler = make_sampler(cfg, train_split, queries=cfg.queries, seed=cfg.seed)
+    learner = build_learner(cfg)
+    ckpt_path = out / CHECKPOINT
+    metrics_path = out / METRICS
+    step, elapsed_before = 0, 0.0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        learner.load_state_dict(state["learner"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        elapsed_before = float(state.get("elapsed", 0.0))
+        # Drop metric lines written after the checkpoint (they will be re-run).
+        kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        log(f"resumed from {ckpt_path} at meta-step {step}")
+    else:
+        metrics_path.write_text("")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    val_sampler_args = (val_split, cfg.eval_queries)
+    metrics_file = metrics_path.open("a")
+
+    def record(entry: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(entry) + "\n")
+        metrics_file.flush()
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "version": 1,
+                "config": cfg.to_dict(),
+                "step": step,
+                "learner": learner.state_dict(),
+                "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "elapsed": elapsed_before + (time.perf_counter() - t_start),
+            },
+        )
+
+    def validate() -> dict[str, Any]:
+        if val_sampler_args[0] is None and cfg.dataset != "sinusoid":
+            return {}
+        vs = make_sampler(cfg, val_sampler_args[0], queries=val_sampler_args[1], seed=VAL_SEED)
+        return evaluate_learner(learner, vs, cfg.val_tasks, batch=cfg.eval_batch)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method} {cfg.dataset}", ncols=100)
+    t_start = time.perf_counter()
+    acc_loss = acc_metric = acc_nonfinite = None
+    acc_count = 0
+    metric_name = "acc" if cfg.dataset != "sinusoid" else "mse"
+    stopped_by_time = False
+    try:
+        while step < cfg.steps:
+            if stop_after is not None and step >= stop_after:
+                break
+            if cfg.time_limit is not None and (
+                elapsed_before + time.perf_counter() - t_start >= 60.0 * cfg.time_limit
+            ):
+                stopped_by_time = True
+                break
+            lr = _lr_at(cfg, step)
+            for group in learner.optimizer.param_groups:
+                group["lr"] = lr
+            stats = learner.step(sampler.sample(cfg.meta_batch))
+            step += 1
+            # Accumulate on-device; read back only every log_every steps.
+            if acc_loss is None:
+                acc_loss, acc_metric = stats["loss"].detach(), stats["metric"].detach()
+                acc_nonfinite = stats["nonfinite_tasks"]
+            else:
+                acc_loss = acc_loss + stats["loss"].detach()
+                acc_metric = acc_metric + stats["metric"].detach()
+                acc_nonfinite = acc_nonfinite + stats["nonfinite_tasks"]
+            acc_count += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                entry = {
+                    "kind": "train",
+                    "step": step,
+                    "time": round(elapsed_before + time.perf_counter() - t_start, 2),
+                    "loss": float(acc_loss) / acc_count,
+                    "metric": float(acc_metric) / acc_count,
+                    "nonfinite_tasks": int(acc_nonfinite),
+                    "grad_norm": float(stats["grad_norm"]),
+                    "lr": lr,
+                }
+                record(entry)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{entry['loss']:.3f}", **{metric_name: f"{entry['metric']:.3f}"}
+                    )
+                acc_loss = acc_metric = acc_nonfinite = None
+                acc_count = 0
+            if bar is not None:
+                bar.update(1)
+            if cfg.val_every and step % cfg.val_every == 0:
+                res = validate()
+                if res:
+                    record({"kind": "val", "step": step, **res})
+                    line = ", ".join(
+                        f"{m} {r['metric']:.4f} ± {r['ci95']:.4f}" for m, r in res.items()
+                    )
+                    (bar.write if bar is not None else log)(f"[val @ {step}] {line}")
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint()
+    train_seconds = elapsed_before + time.perf_counter() - t_start
+    summary: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "meta_steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_meta_step": round(train_seconds / max(step, 1), 3),
+        "stopped_by_time_limit": stopped_by_time,
+    }
+    if stop_after is not None and step >= stop_after and step < cfg.steps:
+        metrics_file.close()
+        summary["interrupted"] = True
+        return summary
+    try:
+        plot_curve(metrics_path, out / "curve.png", title=f"{cfg.method} {cfg.dataset}")
+    except Exception as exc:  # plotting must never lose a finished run
+        log(f"could not plot the learning curve: {exc}")
+    if cfg.test_tasks:
+        t0 = time.perf_counter()
+        ts = make_sampler(cfg, test_split, queries=cfg.eval_queries, seed=TEST_SEED)
+        res = evaluate_learner(learner, ts, cfg.test_tasks, batch=cfg.eval_batch)
+        summary["test"] = res
+        summary["test_seconds"] = round(time.perf_counter() - t0, 1)
+        record({"kind": "test", "step": step, **res})
+        for mode, r in res.items():
+            name = "accuracy" if metric_name == "acc" else "MSE"
+            log(
+                f"test {name} ({mode} adaptation, {r['tasks']} tasks): "
+                f"{100 * r['metric']:.2f} ± {100 * r['ci95']:.2f}%"
+                if metric_name == "acc"
+                else f"test {name} ({mode} adaptation, {r['tasks']} tasks): "
+                f"{r['metric']:.4f} ± {r['ci95']:.4f}"
+            )
+    metrics_file.close()
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,231 @@
+"""iMAML memory and throughput: implicit meta-gradients vs unrolled MAML, vmap vs loop.
+
+Two measurements, printed as tables and written to ``benchmarks/results/imaml_memory.json``:
+
+1. **Memory and time of one task's meta-gradient** against the number of inner GD steps
+   (10, 100, 1000) for iMAML (``bl.custom_root``: the inner loop is never recorded, the
+   backward is 5 fixed-K CG steps) and second-order MAML (differentiates through the unrolled
+   loop). Conv4 (64 filters), 5-way 1-shot, 5 queries per class, float32.
+
+   Method: every configuration runs in a **fresh subprocess** (so allocator caches and earlier
+   peaks cannot leak between rows). Inside it, one warm-up meta-gradient with 2 inner steps
+   loads every kernel; then ``peak = ru_maxrss after − RSS before`` of the measured call, where
+   ``ru_maxrss`` (``resource.getrusage``) is the kernel's high-water mark of the resident set
+   and the "before" RSS is read from ``/proc/self/statm``. This counts every byte the call
+   touches (tensors, autograd graph, allocator slack), not only tensors that torch reports.
+   Time is the wall time of that call.
+
+2. **Throughput of a meta-batch of 16 tasks** (5-way 1-shot, 16 GD steps at lr 0.1, λ = 2,
+   5 CG steps: the paper's recipe with the harness's meta-batch 16 and 1 query per class) with
+   ``torch.func.vmap`` across the tasks versus a per-task Python loop: seconds per meta-step
+   (median of ``--repeats`` after a warm-up), wall and process CPU time, at ``--threads``.
+
+The machine's load average is recorded with the results: on a shared machine wall times
+inflate with other jobs, CPU time much less so.
+
+Usage::
+
+    python benchmarks/imaml_memory.py                 # full (a few minutes)
+    python benchmarks/imaml_memory.py --quick         # steps {10, 100}, 2 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "imaml_memory.json"
+
+
+def _batch(b: int, n: int = 5, k: int = 1, q: int = 1, seed: int = 0) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(n).repeat_interleave(k).expand(b, -1).contiguous()
+    yq = torch.arange(n).repeat_interleave(q).expand(b, -1).contiguous()
+    return SimpleNamespace(
+        support_x=torch.rand(b, n * k, 1, 28, 28, generator=g),
+        support_y=ys,
+        query_x=torch.rand(b, n * q, 1, 28, 28, generator=g),
+        query_y=yq,
+    )
+
+
+def _learner(method: str, steps: int, *, batched: bool = False):
+    from applications.imaml.meta import IMAML, MAML, GradientDescent
+    from applications.imaml.models import build_model
+
+    model = build_model("conv4", ways=5)
+    if method == "imaml":
+        return IMAML(
+            model,
+            lam=2.0,
+            cg_steps=5,
+            inner=GradientDescent(steps, 0.1, safeguard=False),
+            batched=batched,
+        )
+    return MAML(model, steps=steps, lr=0.1, batched=batched)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_one(method: str, steps: int, threads: int) -> dict:
+    """Runs inside a fresh subprocess: peak RSS increase and time of one task's meta-gradient."""
+    torch.set_num_threads(threads)
+    batch = _batch(1, q=5)
+    task = (batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0])
+    warm = _learner(method, 2)
+    warm.task_meta_grad(warm.params, *task)
+    learner = _learner(method, steps)
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    grads, loss, _ = learner.task_meta_grad(learner.params, *task)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    return {
+        "method": method,
+        "inner_steps": steps,
+        "peak_increase_mb": (max(peak, peak_before) - before) / 2**20,
+        "seconds": seconds,
+        "query_loss": float(loss),
+    }
+
+
+def measure_throughput(batched: bool, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    learner = _learner("imaml", 16, batched=batched)
+    learner.inner.safeguard = False  # the harness's plain GD
+    batch = _batch(16)
+    learner.meta_gradient(batch)  # warm-up
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        grads, _ = learner.meta_gradient(batch)
+        float(next(iter(grads.values())).sum())  # make sure the work is done
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {
+        "mode": "vmap" if batched else "loop",
+        "tasks": 16,
+        "seconds_per_meta_step": statistics.median(walls),
+        "cpu_seconds_per_meta_step": statistics.median(cpus),
+        "all_wall": walls,
+    }
+
+
+def _subprocess(args: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="steps {10, 100}, 2 repeats")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--maml-max-steps", type=int, default=1000)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_throughput", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._one:
+        print(json.dumps(measure_one(args._one[0], int(args._one[1]), args.threads)))
+        return
+    if args._throughput:
+        print(
+            json.dumps(measure_throughput(args._throughput == "vmap", args.repeats, args.threads))
+        )
+        return
+
+    steps_list = [10, 100] if args.quick else [10, 100, 1000]
+    repeats = 2 if args.quick else args.repeats
+    rows = []
+    for method in ("imaml", "maml"):
+        for steps in steps_list:
+            if method == "maml" and steps > args.maml_max_steps:
+                continue
+            row = _subprocess(["--_one", method, str(steps), "--threads", str(args.threads)])
+            rows.append(row)
+            print(
+                f"{method:6s} inner steps {steps:5d}: peak +{row['peak_increase_mb']:8.1f} MB"
+                f"  {row['seconds']:7.2f} s",
+                flush=True,
+            )
+    throughput = []
+    if not args.skip_throughput:
+        for mode in ("vmap", "loop"):
+            row = _subprocess(
+                ["--_throughput", mode, "--threads", str(args.threads), "--repeats", str(repeats)]
+            )
+            throughput.append(row)
+            print(
+                f"meta-batch 16, {mode:4s}: {row['seconds_per_meta_step']:.3f} s/meta-step wall, "
+                f"{row['cpu_seconds_per_meta_step']:.3f} s CPU",
+                flush=True,
+            )
+
+    def growth(method: str) -> float | None:
+        r = {x["inner_steps"]: x["peak_increase_mb"] for x in rows if x["method"] == method}
+        lo, hi = min(r, default=None), max(r, default=None)
+        if lo is None or lo == hi:
+            return None
+        return (r[hi] - r[lo]) / max(r[lo], 1e-9)
+
+    result = {
+        "benchmark": "imaml_memory",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "load_average": os.getloadavg(),
+        "method": "fresh subprocess per row; peak = ru_maxrss after - RSS before the call",
+        "memory": rows,
+        "memory_growth_first_to_last": {"imaml": growth("imaml"), "maml": growth("maml")},
+        "throughput": throughput,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    print("\n| method | inner steps | peak memory increase (MB) | time (s) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['inner_steps']} | {r['peak_increase_mb']:.1f} "
+            f"| {r['seconds']:.2f} |"
+        )
+    if throughput:
+        print("\n| meta-batch of 16 | s/meta-step (wall) | s/meta-step (CPU) |")
+        print("|---|---:|---:|")
+        for r in throughput:
+            print(
+                f"| {r['mode']} | {r['seconds_per_meta_step']:.3f} "
+                f"| {r['cpu_seconds_per_meta_step']:.3f} |"
+            )
+    print(f"\nload average {os.getloadavg()}; written {args.output}")
+
+
+if __name__ == "__main__":
+    main()
