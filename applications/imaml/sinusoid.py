@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tasks import TaskBatch, check_int, check_positive_int
+from .tasks import SeededSampler, TaskBatch, check_int, check_positive_int
 
 __all__ = ["SinusoidSampler", "SinusoidTaskBatch", "sinusoid"]
 
@@ -45,7 +45,7 @@ def _interval(name: str, value: Any) -> tuple[float, float]:
     return lo, hi
 
 
-class SinusoidSampler:
+class SinusoidSampler(SeededSampler):
     """Seeded sampler of sinusoid regression tasks (same protocol as
     :class:`~applications.imaml.tasks.TaskSampler`: ``sample``, ``state_dict``,
     ``load_state_dict``).
@@ -113,32 +113,6 @@ class SinusoidSampler:
             amplitude=amplitude,
             phase=phase,
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The random state (and configuration, checked on load)."""
-        return {
-            "generator": self._generator.get_state().clone(),
-            "tasks_drawn": self._tasks_drawn,
-            "config": self._config(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next :meth:`sample` continues that stream."""
-        if not isinstance(state, dict) or "generator" not in state:
-            raise ValueError("state must be a dict produced by SinusoidSampler.state_dict()")
-        config = state.get("config")
-        if config is not None and config != self._config():
-            raise ValueError(
-                f"state was saved by a sampler with config {config}, "
-                f"this sampler has {self._config()}"
-            )
-        self._generator.set_state(state["generator"].clone())
-        self._tasks_drawn = int(state.get("tasks_drawn", 0))
-
-    @property
-    def tasks_drawn(self) -> int:
-        """Number of tasks drawn since construction (restored by :meth:`load_state_dict`)."""
-        return self._tasks_drawn
 
     def _config(self) -> dict[str, Any]:
         return {

@@ -104,11 +104,48 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _generator_state(generator: torch.Generator) -> Tensor:
-    return generator.get_state().clone()
+class SeededSampler:
+    """Shared resume logic of the task samplers: one ``torch.Generator`` drives every draw.
+
+    Subclasses set ``self._generator`` and ``self._tasks_drawn`` and implement ``_config()``
+    (the settings that must match for a saved state to be meaningful).
+    """
+
+    _generator: torch.Generator
+    _tasks_drawn: int
+
+    def _config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's random state (and configuration, checked on load)."""
+        return {
+            "generator": self._generator.get_state().clone(),
+            "tasks_drawn": self._tasks_drawn,
+            "config": self._config(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next ``sample`` continues that stream."""
+        name = type(self).__name__
+        if not isinstance(state, dict) or "generator" not in state:
+            raise ValueError(f"state must be a dict produced by {name}.state_dict()")
+        config = state.get("config")
+        if config is not None and config != self._config():
+            raise ValueError(
+                f"state was saved by a sampler with config {config}, "
+                f"this sampler has {self._config()}"
+            )
+        self._generator.set_state(state["generator"].clone())
+        self._tasks_drawn = int(state.get("tasks_drawn", 0))
+
+    @property
+    def tasks_drawn(self) -> int:
+        """Number of tasks drawn since construction (restored by :meth:`load_state_dict`)."""
+        return self._tasks_drawn
 
 
-class TaskSampler:
+class TaskSampler(SeededSampler):
     """Seeded N-way K-shot sampler with Q queries per class.
 
     Every task draws ``ways`` distinct classes, then ``shots + queries`` distinct instances of each
@@ -231,32 +268,6 @@ class TaskSampler:
             query_x=query,
             query_y=labels.repeat_interleave(q).expand(b, n * q).contiguous(),
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's random state (and configuration, checked on load)."""
-        return {
-            "generator": _generator_state(self._generator),
-            "tasks_drawn": self._tasks_drawn,
-            "config": self._config(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next :meth:`sample` continues that stream."""
-        if not isinstance(state, dict) or "generator" not in state:
-            raise ValueError("state must be a dict produced by TaskSampler.state_dict()")
-        config = state.get("config")
-        if config is not None and config != self._config():
-            raise ValueError(
-                f"state was saved by a sampler with config {config}, "
-                f"this sampler has {self._config()}"
-            )
-        self._generator.set_state(state["generator"].clone())
-        self._tasks_drawn = int(state.get("tasks_drawn", 0))
-
-    @property
-    def tasks_drawn(self) -> int:
-        """Number of tasks drawn since construction (restored by :meth:`load_state_dict`)."""
-        return self._tasks_drawn
 
     def _config(self) -> dict[str, Any]:
         return {
