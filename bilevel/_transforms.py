@@ -17,6 +17,8 @@ _functorch = torch._C._functorch
 
 def is_batched(tensor: torch.Tensor) -> bool:
     """True when ``tensor`` carries a ``vmap`` batch dimension at any transform level."""
+    if _functorch.is_legacy_batchedtensor(tensor):  # torch.autograd.functional's vectorize=True
+        return True
     while _functorch.is_functorch_wrapped_tensor(tensor):
         if _functorch.is_batchedtensor(tensor):
             return True

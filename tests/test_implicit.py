@@ -678,3 +678,38 @@ def test_implicit_grad_has_aux_returns_the_solution_for_warm_starts() -> None:
         bl.implicit_grad(solve, lambda w, lam: (w**2).sum(), has_aux=True)(
             torch.zeros(4, dtype=F64), lam
         )
+
+
+def test_jacobians_of_a_root_adaptive_row_by_row_and_fixed_k_vectorised() -> None:
+    """jacrev/jacfwd batch the solve with vmap: fixed-K works, adaptive needs chunk_size=1."""
+    torch.manual_seed(5)
+    W = 0.15 * torch.randn(4, 4, dtype=F64)
+    U = torch.randn(4, 3, dtype=F64)
+
+    def T(x: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(W @ x + U @ th)
+
+    def iterate(x0: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for _ in range(200):
+            x = T(x, th)
+        return x
+
+    theta, x0 = torch.randn(3, dtype=F64), torch.zeros(4, dtype=F64)
+    x_star = iterate(x0, theta)
+    # Reference: dx*/dθ = (I − ∂T/∂x)⁻¹ ∂T/∂θ, from the closed-form derivative of tanh.
+    s = 1 - x_star**2
+    reference = torch.linalg.solve(torch.eye(4, dtype=F64) - s[:, None] * W, s[:, None] * U)
+
+    adaptive = bl.custom_fixed_point(T, solver=bl.GMRES(tol=1e-12))(iterate)
+    fixed = bl.custom_fixed_point(T, solver=bl.GMRES(tol=0, maxiter=8))(iterate)
+    rows = torch.func.jacrev(lambda t: adaptive(x0, t), chunk_size=1)(theta)
+    assert rel_err(rows, reference) < 1e-10
+    assert rel_err(torch.func.jacrev(lambda t: fixed(x0, t))(theta), reference) < 1e-10
+    assert rel_err(torch.func.jacfwd(lambda t: fixed(x0, t))(theta), reference) < 1e-10
+    with pytest.raises(ValueError, match="chunk_size=1"):
+        torch.func.jacrev(lambda t: adaptive(x0, t))(theta)
+    with pytest.raises(ValueError, match="stops adaptively"):  # torch.autograd.functional's vmap
+        torch.autograd.functional.jacobian(
+            lambda t: adaptive(x0, t), theta, strategy="forward-mode", vectorize=True
+        )

@@ -223,7 +223,9 @@ class LinearSolver(abc.ABC):
                 raise ValueError(
                     f"{type(self).__name__}(tol={self.tol}, atol={self.atol}) stops adaptively, "
                     "which needs the residual on the host and cannot run under torch.func.vmap. "
-                    f"Use fixed-K mode: {type(self).__name__}(tol=0, maxiter=K)."
+                    f"Use fixed-K mode: {type(self).__name__}(tol=0, maxiter=K). Jacobians "
+                    "built with vmap (torch.func.jacrev / jacfwd / hessian) batch the solve too: "
+                    "pass chunk_size=1 to jacrev, or use a fixed-K solver."
                 )
             trivial = self._trivial_solution(problem)
             if trivial is not None:
