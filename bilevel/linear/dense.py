@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._transforms import any_batched
-from ..tree import Tree, tree_ravel
-from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
+from ..tree import Tree
+from ._base import Flattening, LinearProblem, LinearSolver, SolveInfo
 
 __all__ = ["Dense"]
 
@@ -45,8 +47,9 @@ class Dense(LinearSolver):
         self.positive_definite = bool(positive_definite)
 
     def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        b, unravel = tree_ravel(problem.b)
-        matrix = materialise(problem.matvec, problem.b)
+        flat = Flattening(problem.b)
+        b, unravel = flat.vector, flat.unravel
+        matrix = materialise(flat.lift(problem.matvec), b)
         if self.positive_definite:
             factor, status = torch.linalg.cholesky_ex(matrix)
             x = torch.cholesky_solve(b[:, None], factor)[:, 0]
@@ -68,20 +71,15 @@ class Dense(LinearSolver):
         return unravel(x), SolveInfo(finite, 0, residual_norm, reason, stats)
 
 
-def materialise(matvec: Matvec, like: Tree) -> torch.Tensor:
-    """The ``n × n`` matrix of a linear ``matvec`` on trees shaped like ``like``.
+def materialise(matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The ``n × n`` matrix of a linear ``matvec`` on flat vectors shaped like ``like``.
 
-    Column ``j`` is the raveled ``matvec`` of the ``j``-th basis vector; all columns come
-    from one ``torch.func.vmap``-ed call when possible, else from a loop.
+    Column ``j`` is ``matvec`` of the ``j``-th basis vector; all columns come from one
+    ``torch.func.vmap``-ed call when possible, else from a loop.
     """
-    flat, unravel = tree_ravel(like)
-    basis = torch.eye(flat.shape[-1], dtype=flat.dtype, device=flat.device)
-
-    def column(e: torch.Tensor) -> torch.Tensor:
-        return tree_ravel(matvec(unravel(e)))[0]
-
+    basis = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
     try:
-        rows = torch.func.vmap(column)(basis)
+        rows = torch.func.vmap(matvec)(basis)
     except (RuntimeError, NotImplementedError, TypeError):
-        rows = torch.stack([column(e) for e in basis])
+        rows = torch.stack([matvec(e) for e in basis])
     return rows.mT
