@@ -100,6 +100,12 @@ def tree_axpy(alpha: torch.Tensor | float, x: Tree, y: Tree) -> Tree:
 def _leaf_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.dtype != y.dtype or x.shape != y.shape or x.is_complex():
         return torch.sum(x * y)  # promotion and broadcasting, as ``x * y`` does
+    from ._transforms import is_batched  # lazy: _transforms builds on this module
+
+    if is_batched(x) or is_batched(y):
+        # vmap lowers torch.dot to a bmm of 1×n by n×1 blocks: about 8× slower than a
+        # fused multiply-and-sum for iMAML's 16 × 113k-parameter CG vectors.
+        return torch.sum(x * y)
     if x.dim() != 1 or y.dim() != 1:
         x, y = x.reshape(-1), y.reshape(-1)
     return torch.dot(x, y)

@@ -68,18 +68,22 @@ Objective = Callable[[Params], Tensor]
 
 
 def _prox_parts(
-    params: Params, grads: Params, center: Params | None, lam: float
+    params: Params, grads: Params, center: Params | None, lam: float, *, value: bool = True
 ) -> tuple[Params, Tensor | None]:
-    """Gradient ``g + λ(φ − c)`` of the proximal objective and ``½‖φ − c‖²`` (fused per leaf)."""
+    """Gradient ``g + λ(φ − c)`` of the proximal objective and ``½‖φ − c‖²`` (fused per leaf).
+
+    ``value=False`` skips ``½‖φ − c‖²`` (two passes over the parameters) when nobody reads it.
+    """
     if center is None or lam == 0.0:
         return grads, None
     full, sq = {}, None
     for k, p in params.items():
         diff = p - center[k]
         full[k] = torch.add(grads[k], diff, alpha=lam)
-        term = torch.sum(diff * diff)
-        sq = term if sq is None else sq + term
-    return full, 0.5 * sq
+        if value:
+            term = torch.sum(diff * diff)
+            sq = term if sq is None else sq + term
+    return full, None if sq is None else 0.5 * sq
 
 
 @dataclasses.dataclass
@@ -119,7 +123,8 @@ class GradientDescent:
 
         def evaluate(p: Params) -> tuple[Params, Tensor]:
             g, loss = value_grad(p)
-            g, half_sq = _prox_parts(p, g, center, lam)
+            # Plain GD never reads the objective's value: skip its proximal part.
+            g, half_sq = _prox_parts(p, g, center, lam, value=self.safeguard)
             return g, loss if half_sq is None else loss + lam * half_sq
 
         p = phi0
@@ -190,7 +195,7 @@ class NewtonCG:
         lr = torch.full_like(f, self.lr)
         for _ in range(self.steps):
             g, hvp = torch.func.vjp(grad_fn, p)
-            g, _ = _prox_parts(p, g, center, lam)
+            g, _ = _prox_parts(p, g, center, lam, value=False)
             d, _ = cg(lambda v, hvp=hvp: hvp(v)[0], g)
             candidate = {k: torch.addcmul(v, lr, d[k], value=-1) for k, v in p.items()}
             if not self.safeguard:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..tree import Tree
+from ..tree import Tree, tree_dot
 from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo, _CheckedOperator
 
 __all__ = ["CG"]
@@ -81,7 +81,7 @@ class CG(LinearSolver):
         else:
             x, r, matvecs = problem.x0, b - matvec(problem.x0), 1
         z = precondition(r)
-        p, rz = z, torch.dot(r, z)
+        p, rz = z, tree_dot(r, z)
         if self.fixed_iterations:
             return self._solve_fixed(matvec, precondition, x, r, p, rz, matvecs)
 
@@ -99,7 +99,7 @@ class CG(LinearSolver):
             ap = matvec(p)
             matvecs += 1
             iterations += 1
-            curvature_t = torch.dot(p, ap)
+            curvature_t = tree_dot(p, ap)
             curvature = curvature_t.item()
             if not curvature > 0.0:
                 reason = "nonfinite" if curvature != curvature else "breakdown"
@@ -110,7 +110,7 @@ class CG(LinearSolver):
             x = x + alpha * p if track else torch.add(x, p, alpha=alpha)
             r = r - alpha * ap if track else torch.add(r, ap, alpha=-alpha)
             z = precondition(r)
-            rz_new_t = torch.dot(r, z)
+            rz_new_t = tree_dot(r, z)
             rz_new = rz_new_t.item()
             r_norm = math.sqrt(rz_new) if plain else torch.linalg.vector_norm(r).item()
             p = z + (rz_new_t / rz_t) * p if track else torch.add(z, p, alpha=rz_new / rz)
@@ -137,13 +137,13 @@ class CG(LinearSolver):
         history = []
         for _ in range(self.maxiter):
             ap = matvec(p)
-            curvature = torch.dot(p, ap)
+            curvature = tree_dot(p, ap)
             step = (curvature > 0).to(curvature.dtype)
             alpha = rz * step / curvature.clamp_min(tiny)  # step first: no inf·0
             x = torch.addcmul(x, alpha, p)
             r = torch.addcmul(r, alpha, ap, value=-1)
             z = precondition(r)
-            rz_new = torch.dot(r, z)
+            rz_new = tree_dot(r, z)
             p = torch.addcmul(z, rz_new * step / rz.clamp_min(tiny), p)
             history.append((curvature, rz))
             rz = rz_new
