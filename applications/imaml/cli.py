@@ -49,7 +49,8 @@ _PAPER = {
 #: literally (16 inner GD steps at lr 0.1 for 5-way, 25 for 20-way; λ = 2; 5 CG steps;
 #: meta-batch 32; Adam 1e-3); they keep the app's guards (monotone inner GD, fixed-K CG that
 #: skips negative curvature, non-finite tasks zeroed), which change nothing on a well-behaved
-#: task. ``cpu-quick`` is the recipe tuned for a 2-core CPU, ``demo`` the embedded-data job.
+#: task. ``cpu-quick`` is the recipe tuned for a 2-core CPU, ``demo`` the embedded-data job,
+#: ``sinusoid`` MAML's 10-shot regression toy problem (1-40-40-1 MLP, 20 inner GD steps).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-5w1s": {**_PAPER, "ways": 5, "shots": 1, "inner_steps": 16},
     "paper-5w5s": {**_PAPER, "ways": 5, "shots": 5, "inner_steps": 16},
@@ -104,6 +105,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "val_tasks": 50,
         "test_tasks": 200,
         "ckpt_every": 50,
+        "threads": 1,
+    },
+    "sinusoid": {
+        "method": "imaml",
+        "dataset": "sinusoid",
+        "shots": 10,
+        "queries": 10,
+        "eval_queries": 10,
+        "meta_batch": 25,
+        "meta_lr": 1e-3,
+        "lr_schedule": "cosine",
+        "steps": 10000,
+        "inner": "gd",
+        "inner_steps": 20,
+        "inner_lr": 0.05,
+        "lam": 1.0,
+        "cg_steps": 5,
+        "cg_ridge": 1.0,
+        "max_meta_grad_norm": 10.0,
+        "val_every": 2000,
+        "val_tasks": 200,
+        "test_tasks": 600,
+        "ckpt_every": 500,
         "threads": 1,
     },
 }
@@ -321,7 +345,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .trainer import TEST_SEED, build_learner, evaluate_learner, load_checkpoint, make_sampler
+    from .trainer import (
+        TEST_SEED,
+        build_learner,
+        describe_result,
+        evaluate_learner,
+        load_checkpoint,
+        make_sampler,
+    )
 
     try:
         state = load_checkpoint(args.checkpoint)
@@ -355,11 +386,9 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
+        regression = cfg.dataset == "sinusoid"
         for mode, r in res["test"].items():
-            print(
-                f"{cfg.dataset}/{split}: accuracy ({mode} adaptation, {r['tasks']} tasks) "
-                f"{100 * r['metric']:.2f} ± {100 * r['ci95']:.2f}%"
-            )
+            print(f"{cfg.dataset}/{split}: {describe_result(mode, r, regression=regression)}")
         for mode, err in res.get("lake_one_shot", {}).items():
             print(
                 f"Lake et al. 20 one-shot runs ({mode} adaptation): error rate {100 * err:.2f}%"

@@ -366,9 +366,10 @@ class MetaLearner:
         """Average meta-gradient over the tasks of ``batch`` and per-batch statistics.
 
         Returns ``(grads, stats)`` with ``stats`` holding 0-d tensors ``loss`` (mean query
-        loss at the adapted weights), ``metric`` (mean query accuracy or MSE) and
-        ``nonfinite_tasks`` (tasks whose meta-gradient was not finite and was zeroed). No
-        host synchronisation happens here.
+        loss at the adapted weights), ``metric`` (mean query accuracy or MSE), both over the
+        finite tasks, and ``nonfinite_tasks`` (tasks whose meta-gradient, loss or metric was
+        not finite: zeroed in the meta-gradient, left out of the means). No host
+        synchronisation happens here.
         """
         theta = self.params
         xs, ys, xq, yq = batch.support_x, batch.support_y, batch.query_x, batch.query_y
@@ -389,10 +390,14 @@ class MetaLearner:
             k: torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, 0.0).mean(0)
             for k, g in grads.items()
         }
+        # Statistics over the tasks that count, so one diverged task cannot turn the logged
+        # loss into NaN (it is reported in nonfinite_tasks instead).
+        counted = finite & torch.isfinite(losses) & torch.isfinite(metrics)
+        n = counted.sum().clamp_min(1)
         stats = {
-            "loss": losses.mean(),
-            "metric": metrics.mean(),
-            "nonfinite_tasks": (~finite).sum(),
+            "loss": torch.where(counted, losses, 0.0).sum() / n,
+            "metric": torch.where(counted, metrics, 0.0).sum() / n,
+            "nonfinite_tasks": (~counted).sum(),
         }
         return mean, stats
 
