@@ -390,6 +390,20 @@ def test_sinusoid_meta_training_learns_an_adaptable_initialisation():
     assert after < 0.8 * unadapted, (after, unadapted)
 
 
+def test_learning_curve_of_a_run_shorter_than_one_log_interval(tmp_path):
+    """No metric line yet: the plot is still written, without matplotlib's empty-legend warning."""
+    import warnings
+
+    from applications.imaml.trainer import plot_curve
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curve(metrics, tmp_path / "curve.png", title="imaml sinusoid", ylabel="MSE")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
 def test_cli_sinusoid_preset_smoke(tmp_path, capsys):
     from applications.imaml.cli import main
 

@@ -254,8 +254,10 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_curve(metrics_path: Path, png_path: Path, title: str = "") -> None:
-    """Learning curve: training meta-accuracy (query, after adaptation) and validation."""
+def plot_curve(
+    metrics_path: Path, png_path: Path, title: str = "", ylabel: str = "accuracy"
+) -> None:
+    """Learning curve: the training query metric (after adaptation) and validation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,9 +280,10 @@ def plot_curve(metrics_path: Path, png_path: Path, title: str = "") -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), style, ms=3, label=f"validation ({mode} adaptation)")
     ax.set_xlabel("meta-step")
-    ax.set_ylabel("accuracy" if not train or "acc" not in title else "metric")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.lines:  # a run shorter than one log interval has nothing to label
+        ax.legend(fontsize=8, loc="lower right" if ylabel == "accuracy" else "upper right")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -448,7 +451,12 @@ def train(
         summary["interrupted"] = True
         return summary
     try:
-        plot_curve(metrics_path, out / "curve.png", title=f"{cfg.method} {cfg.dataset}")
+        plot_curve(
+            metrics_path,
+            out / "curve.png",
+            title=f"{cfg.method} {cfg.dataset}",
+            ylabel="accuracy" if metric_name == "acc" else "MSE",
+        )
     except Exception as exc:  # plotting must never lose a finished run
         log(f"could not plot the learning curve: {exc}")
     if cfg.test_tasks:
