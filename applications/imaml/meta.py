@@ -86,6 +86,29 @@ def _prox_parts(
     return full, None if sq is None else 0.5 * sq
 
 
+def _proximal(loss_fn: Objective, center: Params | None, lam: float) -> Objective:
+    """``loss(φ) + λ/2 ‖φ − c‖²`` (just ``loss`` without a centre)."""
+    if center is None or not lam:
+        return loss_fn
+    return lambda p: loss_fn(p) + 0.5 * lam * _sq_dist(p, center)
+
+
+def _monotone(
+    f: Tensor, f_candidate: Tensor, lr: Tensor
+) -> tuple[Callable[[Params, Params], Params], Tensor, Tensor]:
+    """Branch-free accept/reject of a step: keep the candidate where the objective is finite
+    and did not increase, otherwise stay and halve that task's step size.
+
+    Returns ``(select, f, lr)`` where ``select(candidate, current)`` picks per leaf.
+    """
+    ok = torch.isfinite(f_candidate) & (f_candidate <= f)
+
+    def select(candidate: Params, current: Params) -> Params:
+        return {k: torch.where(ok, candidate[k], v) for k, v in current.items()}
+
+    return select, torch.where(ok, f_candidate, f), torch.where(ok, lr, 0.5 * lr)
+
+
 @dataclasses.dataclass
 class GradientDescent:
     """``steps`` of gradient descent on ``loss(φ) + λ/2‖φ − c‖²``, vmappable.
@@ -141,11 +164,8 @@ class GradientDescent:
             g = self._clip(g)
             candidate = {k: torch.addcmul(v, lr, g[k], value=-1) for k, v in p.items()}
             g_c, f_c = evaluate(candidate)
-            ok = torch.isfinite(f_c) & (f_c <= f)
-            p = {k: torch.where(ok, candidate[k], v) for k, v in p.items()}
-            g = {k: torch.where(ok, g_c[k], v) for k, v in g.items()}
-            f = torch.where(ok, f_c, f)
-            lr = torch.where(ok, lr, 0.5 * lr)
+            select, f, lr = _monotone(f, f_c, lr)
+            p, g = select(candidate, p), select(g_c, g)
         return p
 
     def _clip(self, g: Params) -> Params:
@@ -184,12 +204,7 @@ class NewtonCG:
         cg = bl.CG(tol=0, maxiter=self.cg_steps, ridge=self.damping + lam)
         grad_fn = grad(loss_fn)
 
-        def objective(p: Params) -> Tensor:
-            value = loss_fn(p)
-            if center is not None and lam:
-                value = value + 0.5 * lam * _sq_dist(p, center)
-            return value
-
+        objective = _proximal(loss_fn, center, lam)
         p = phi0
         f = objective(p)
         lr = torch.full_like(f, self.lr)
@@ -201,11 +216,8 @@ class NewtonCG:
             if not self.safeguard:
                 p = candidate
                 continue
-            f_c = objective(candidate)
-            ok = torch.isfinite(f_c) & (f_c <= f)
-            p = {k: torch.where(ok, candidate[k], v) for k, v in p.items()}
-            f = torch.where(ok, f_c, f)
-            lr = torch.where(ok, lr, 0.5 * lr)
+            select, f, lr = _monotone(f, objective(candidate), lr)
+            p = select(candidate, p)
         return p
 
 
@@ -232,15 +244,12 @@ class TorchOptimizer:
     ) -> Params:
         p = {k: v.detach().clone().requires_grad_(True) for k, v in phi0.items()}
         opt = self.optimizer(p.values(), **self.kwargs)
+        detached = None if center is None else {k: c.detach() for k, c in center.items()}
+        objective = _proximal(loss_fn, detached, lam)
         with torch.enable_grad():
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=True)
-                value = loss_fn(p)
-                if center is not None and lam:
-                    value = value + 0.5 * lam * _sq_dist(
-                        p, {k: c.detach() for k, c in center.items()}
-                    )
-                value.backward()
+                objective(p).backward()
                 opt.step()
         return {k: v.detach() for k, v in p.items()}
 
