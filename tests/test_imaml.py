@@ -578,8 +578,21 @@ def test_cli_lake_one_shot_runs(tmp_path, capsys):
         f"--eval-batch 2 --threads 1 --no-progress --out-dir {out}"
     ).split()
     assert main(args) == 0
-    capsys.readouterr()
+    assert "Lake et al.'s 20 one-shot runs, gd: error rate" in capsys.readouterr().out
+    trained = json.loads((out / "results.json").read_text())["lake_one_shot"]
     assert main(["evaluate", str(out), "--tasks", "2", "--lake-runs", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["lake_one_shot"]) == {"prox", "gd"}
     assert 0.0 <= res["lake_one_shot"]["gd"] <= 1.0
+    # 400 test images per mode: the error rate is a multiple of 1/400, the same from both commands
+    assert res["lake_one_shot"] == pytest.approx(trained)
+    assert all((400 * e) == pytest.approx(round(400 * e)) for e in trained.values())
+
+
+@pytest.mark.skipif(not OMNIGLOT_DIR, reason="BILEVEL_OMNIGLOT_DIR is not set (real Omniglot)")
+def test_lake_runs_error_needs_a_20_way_model():
+    from applications.imaml.trainer import lake_runs_error
+
+    learner = IMAML(build_model("conv4", ways=5, hidden=8), lam=1.0, inner=GradientDescent(1, 0.1))
+    with pytest.raises(ValueError, match="20-way.*5 outputs"):
+        lake_runs_error(learner, OMNIGLOT_DIR, modes=("gd",))

@@ -338,6 +338,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         build_learner,
         describe_result,
         evaluate_learner,
+        lake_runs_error,
         load_checkpoint,
         make_sampler,
     )
@@ -370,7 +371,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.lake_runs:
         if cfg.ways != 20:
             parser.error(f"--lake-runs needs a 20-way model; this checkpoint is {cfg.ways}-way")
-        res["lake_one_shot"] = lake_runs_error(learner, cfg, modes)
+        res["lake_one_shot"] = lake_runs_error(learner, cfg.data_dir, modes)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -383,26 +384,6 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 " (people: 4.5%)"
             )
     return 0
-
-
-def lake_runs_error(learner: Any, cfg: Config, modes: tuple[str, ...]) -> dict[str, float]:
-    """Error rate on the 20 one-shot runs of Lake et al. (2015); needs a 20-way model."""
-    import torch
-
-    from .omniglot import load_one_shot_runs, one_shot_error_rate, one_shot_task_batch
-
-    runs = load_one_shot_runs(data_dir=cfg.data_dir)
-    batch = one_shot_task_batch(runs)
-    out = {}
-    with torch.no_grad():
-        for mode in modes:
-            theta = learner.params
-            preds = []
-            for i in range(batch.support_x.shape[0]):
-                phi = learner.adapt(theta, batch.support_x[i], batch.support_y[i], mode)
-                preds.append(learner.model(phi, batch.query_x[i]).argmax(-1))
-            out[mode] = one_shot_error_rate(torch.stack(preds), runs)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

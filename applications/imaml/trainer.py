@@ -36,7 +36,14 @@ from .meta import (
 )
 from .models import build_model
 
-__all__ = ["Config", "build_learner", "evaluate_learner", "load_checkpoint", "train"]
+__all__ = [
+    "Config",
+    "build_learner",
+    "evaluate_learner",
+    "lake_runs_error",
+    "load_checkpoint",
+    "train",
+]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -220,6 +227,47 @@ def evaluate_learner(
             "nonfinite_tasks": int((~ok).sum()),
         }
     return out
+
+
+def lake_runs_error(
+    learner: MetaLearner,
+    data_dir: str | None = None,
+    modes: tuple[str, ...] = ("prox", "gd"),
+) -> dict[str, float]:
+    """Error rate (in ``[0, 1]``) on the 20 one-shot runs of Lake et al. (2015), per mode.
+
+    Each run is one 20-way 1-shot task with one test image per class; a 20-way model adapts
+    to the run's 20 training images and classifies its 20 test images. People make 4.5%.
+    """
+    from .omniglot import load_one_shot_runs, one_shot_error_rate, one_shot_task_batch
+
+    runs = load_one_shot_runs(data_dir=data_dir)
+    batch = one_shot_task_batch(runs)
+    device = _device(learner)
+    out = {}
+    with torch.no_grad():
+        ways = learner.model(learner.params, batch.support_x[0].to(device)).shape[-1]
+        if ways != batch.support_x.shape[1]:
+            raise ValueError(
+                f"Lake's one-shot runs are {batch.support_x.shape[1]}-way; this model has "
+                f"{ways} outputs (train it with --ways 20)"
+            )
+        for mode in modes:
+            preds = []
+            for i in range(batch.support_x.shape[0]):
+                phi = learner.adapt(
+                    learner.params,
+                    batch.support_x[i].to(device),
+                    batch.support_y[i].to(device),
+                    mode,
+                )
+                preds.append(learner.model(phi, batch.query_x[i].to(device)).argmax(-1).cpu())
+            out[mode] = one_shot_error_rate(torch.stack(preds), runs)
+    return out
+
+
+def _device(learner: MetaLearner) -> torch.device:
+    return next(iter(learner.params.values())).device
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -468,6 +516,10 @@ def train(
         record({"kind": "test", "step": step, **res})
         for mode, r in res.items():
             log(f"test {describe_result(mode, r, regression=metric_name == 'mse')}")
+        if cfg.dataset == "omniglot-lake" and cfg.ways == 20 and cfg.shots == 1:
+            summary["lake_one_shot"] = lake_runs_error(learner, cfg.data_dir)
+            for mode, err in summary["lake_one_shot"].items():
+                log(f"Lake et al.'s 20 one-shot runs, {mode}: error rate {100 * err:.2f}%")
     metrics_file.close()
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
