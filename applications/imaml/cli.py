@@ -55,8 +55,8 @@ _CPU_QUICK: dict[str, Any] = {
     "meta_batch": 16,
     "meta_lr": 2e-3,
     "lr_schedule": "cosine",
-    "steps": 1500,
-    "time_limit": 50.0,
+    "steps": 3000,
+    "time_limit": 55.0,
     "inner": "gd",
     "inner_steps": 5,
     "inner_lr": 0.3,
@@ -68,7 +68,9 @@ _CPU_QUICK: dict[str, Any] = {
     "val_every": 250,
     "val_tasks": 100,
     "ckpt_every": 50,
-    "threads": 1,
+    # torch's default (one thread per physical core): the batched kernels use both cores of
+    # the 2-core reference machine (0.81 vs 1.37 s per meta-step with one thread).
+    "threads": None,
 }
 
 #: Named configurations. The ``paper-*`` presets are the paper's hyperparameters taken
