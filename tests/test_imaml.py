@@ -572,9 +572,9 @@ def test_cli_lake_one_shot_runs(tmp_path, capsys):
     from applications.imaml.cli import main
 
     out = tmp_path / "lake"
-    args = ["train", "--dataset", "omniglot-lake", "--data-dir", OMNIGLOT_DIR]
+    args = ["train", "--preset", "lake-20w1s", "--data-dir", OMNIGLOT_DIR]
     args += (
-        f"--ways 20 --steps 1 --meta-batch 2 --inner-steps 1 --hidden 8 --test-tasks 2 "
+        f"--steps 1 --meta-batch 2 --inner-steps 1 --hidden 8 --test-tasks 2 "
         f"--eval-batch 2 --threads 1 --no-progress --out-dir {out}"
     ).split()
     assert main(args) == 0
@@ -594,5 +594,5 @@ def test_lake_runs_error_needs_a_20_way_model():
     from applications.imaml.trainer import lake_runs_error
 
     learner = IMAML(build_model("conv4", ways=5, hidden=8), lam=1.0, inner=GradientDescent(1, 0.1))
-    with pytest.raises(ValueError, match="20-way.*5 outputs"):
+    with pytest.raises(ValueError, match=r"20-way.*5 outputs"):
         lake_runs_error(learner, OMNIGLOT_DIR, modes=("gd",))
