@@ -192,12 +192,16 @@ def measure_throughput(batched: bool, repeats: int, threads: int) -> dict:
 
 
 def _subprocess(args: list[str]) -> dict:
+    # The child measures this checkout's code, installed or not (and whatever an editable
+    # install elsewhere points at).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     out = subprocess.run(
         [sys.executable, __file__, *args],
         check=True,
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
