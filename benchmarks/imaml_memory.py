@@ -116,6 +116,9 @@ class _Clock:
     """Wall seconds spent in the inner solve, in CG's products and in CG as a whole."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.inner = self.matvec = self.cg = 0.0
 
     def timed_matvec(self, matvec):
@@ -164,7 +167,7 @@ def measure_throughput(batched: bool, repeats: int, threads: int) -> dict:
     learner.meta_gradient(batch)  # warm-up
     walls, cpus, parts = [], [], []
     for _ in range(repeats):
-        clock.__init__()
+        clock.reset()
         t0, c0 = time.perf_counter(), time.process_time()
         grads, _ = learner.meta_gradient(batch)
         float(next(iter(grads.values())).sum())  # make sure the work is done

@@ -596,3 +596,23 @@ def test_lake_runs_error_needs_a_20_way_model():
     learner = IMAML(build_model("conv4", ways=5, hidden=8), lam=1.0, inner=GradientDescent(1, 0.1))
     with pytest.raises(ValueError, match=r"20-way.*5 outputs"):
         lake_runs_error(learner, OMNIGLOT_DIR, modes=("gd",))
+
+
+@pytest.mark.skipif(not OMNIGLOT_DIR, reason="BILEVEL_OMNIGLOT_DIR is not set (real Omniglot)")
+def test_cli_lake_runs_reject_a_5_way_checkpoint(tmp_path, capsys):
+    from applications.imaml.cli import main
+
+    out = tmp_path / "lake5"
+    args = ["train", "--dataset", "omniglot-lake", "--data-dir", OMNIGLOT_DIR, "--ways", "5"]
+    args += (
+        "--steps 1 --meta-batch 2 --inner-steps 1 --hidden 8 --test-tasks 0 --no-progress".split()
+    )
+    args += ["--out-dir", str(out)]
+    assert main(args) == 0
+    assert "lake_one_shot" not in json.loads((out / "results.json").read_text())
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(out), "--tasks", "2", "--lake-runs"])
+    assert exc.value.code == 2
+    assert "--lake-runs: Lake's one-shot runs are 20-way; this model has 5 outputs" in (
+        capsys.readouterr().err
+    )

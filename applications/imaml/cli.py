@@ -379,6 +379,12 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     learner.load_state_dict(state["learner"])
     split = args.split or ("evaluation" if cfg.dataset == "omniglot-lake" else "test")
     sampler = make_sampler(cfg, split, queries=cfg.eval_queries, seed=TEST_SEED)
+    lake = None
+    if args.lake_runs:  # first: a model of the wrong width fails before the long evaluation
+        try:
+            lake = lake_runs_error(learner, cfg.data_dir, modes)
+        except ValueError as exc:
+            parser.error(f"--lake-runs: {exc}")
     res: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "meta_steps": state["step"],
@@ -386,10 +392,8 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "split": split,
         "test": evaluate_learner(learner, sampler, args.tasks, batch=cfg.eval_batch, modes=modes),
     }
-    if args.lake_runs:
-        if cfg.ways != 20:
-            parser.error(f"--lake-runs needs a 20-way model; this checkpoint is {cfg.ways}-way")
-        res["lake_one_shot"] = lake_runs_error(learner, cfg.data_dir, modes)
+    if lake is not None:
+        res["lake_one_shot"] = lake
     if args.json:
         print(json.dumps(res, indent=2))
     else:
