@@ -173,6 +173,7 @@ _BOOL_OVERRIDES: list[tuple[str, str, str]] = [
     ("safeguard", "safeguard", "monotone inner GD (reject and halve on increase)"),
     ("zero-head", "zero_head", "initialise the linear head at zero"),
     ("vmap", "batched", "vmap across the tasks of a meta-batch (else a per-task loop)"),
+    ("compile", "compile", "torch.compile the vmapped meta-batch (minutes to compile)"),
 ]
 
 
@@ -275,6 +276,8 @@ def _validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
         fail(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     if cfg.method != "imaml" and cfg.inner != "gd":
         fail("MAML/FOMAML baselines unroll plain GD: use --inner gd")
+    if cfg.compile and not cfg.batched:
+        fail("--compile compiles the vmapped meta-batch: drop --no-vmap")
     if cfg.dataset == "omniglot-lake" and cfg.val_every:
         cfg.val_every = 0  # no validation split in Lake's background/evaluation protocol
     if cfg.dataset != "sinusoid" and cfg.shots + max(cfg.queries, cfg.eval_queries) > 20:

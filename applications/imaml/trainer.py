@@ -81,6 +81,7 @@ class Config:
     zero_head: bool = False
     hidden: int = 64  # conv4 filters (64 in the paper; smaller only for fast tests)
     batched: bool = True  # vmap across the tasks of a meta-batch
+    compile: bool = False  # torch.compile the vmapped meta-batch (slow first step)
     val_every: int = 500
     val_tasks: int = 100
     test_tasks: int = 600
@@ -160,6 +161,7 @@ def build_learner(cfg: Config) -> MetaLearner:
         cg_ridge=cfg.cg_ridge,
         meta_lr=cfg.meta_lr,
         batched=cfg.batched,
+        compile=cfg.compile,
         max_meta_grad_norm=cfg.max_meta_grad_norm,
         device=cfg.device,
     )
