@@ -17,8 +17,11 @@ Two measurements, printed as tables and written to ``benchmarks/results/imaml_me
 
 2. **Throughput of a meta-batch of 16 tasks** (5-way 1-shot, 16 GD steps at lr 0.1, λ = 2,
    5 CG steps: the paper's recipe with the harness's meta-batch 16 and 1 query per class) with
-   ``torch.func.vmap`` across the tasks versus a per-task Python loop: seconds per meta-step
-   (median of ``--repeats`` after a warm-up), wall and process CPU time, at ``--threads``.
+   ``torch.func.vmap`` across the tasks versus a per-task Python loop, and the vmapped
+   meta-batch compiled whole (``IMAML(compile=True)``: ``torch.compile``, through
+   ``bl.root_vjp``): seconds per meta-step (median of ``--repeats`` after a warm-up), wall
+   and process CPU time, at ``--threads``. Each row runs with an empty compiler cache, so the
+   compiled row's first meta-step (recorded) is a cold compilation.
    For the vmap row the meta-step is also split into its parts, timed through the public
    API (a timing subclass of the inner solver and of ``bl.CG``): the inner solve (16 GD
    steps), the CG solve's matrix-vector products (Hessian-vector products through the
@@ -33,6 +36,7 @@ Usage::
     python benchmarks/imaml_memory.py                 # full (a few minutes)
     python benchmarks/imaml_memory.py --quick         # steps {10, 100}, 2 repeats
     python benchmarks/imaml_memory.py --throughput-only --threads 2   # merge into the JSON
+    python benchmarks/imaml_memory.py --throughput-only --modes compiled   # one row
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,7 +72,7 @@ def _batch(b: int, n: int = 5, k: int = 1, q: int = 1, seed: int = 0) -> SimpleN
     )
 
 
-def _learner(method: str, steps: int, *, batched: bool = False):
+def _learner(method: str, steps: int, *, batched: bool = False, compile: bool = False):
     from applications.imaml.meta import IMAML, MAML, GradientDescent
     from applications.imaml.models import build_model
 
@@ -79,6 +84,7 @@ def _learner(method: str, steps: int, *, batched: bool = False):
             cg_steps=5,
             inner=GradientDescent(steps, 0.1, safeguard=False),
             batched=batched,
+            compile=compile,
         )
     return MAML(model, steps=steps, lr=0.1, batched=batched)
 
@@ -156,15 +162,22 @@ def _instrument(learner, clock: _Clock) -> None:
     learner.solve = bl.custom_root(learner.optimality_fn, solver=learner.cg)(learner._inner_solve)
 
 
-def measure_throughput(batched: bool, repeats: int, threads: int) -> dict:
+#: Rows of the meta-batch table: how the 16 tasks are batched.
+MODES = ("vmap", "loop", "compiled")
+
+
+def measure_throughput(mode: str, repeats: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    learner = _learner("imaml", 16, batched=batched)
-    learner.inner.safeguard = False  # the harness's plain GD
+    compiled = mode == "compiled"
+    batched = mode != "loop"
+    learner = _learner("imaml", 16, batched=batched, compile=compiled)
     clock = _Clock()
-    if batched:
+    if batched and not compiled:  # the timing subclasses cannot be traced by the compiler
         _instrument(learner, clock)
     batch = _batch(16)
-    learner.meta_gradient(batch)  # warm-up
+    t0 = time.perf_counter()
+    learner.meta_gradient(batch)  # warm-up (and, compiled, the compilation)
+    warmup = time.perf_counter() - t0
     walls, cpus, parts = [], [], []
     for _ in range(repeats):
         clock.reset()
@@ -175,13 +188,16 @@ def measure_throughput(batched: bool, repeats: int, threads: int) -> dict:
         cpus.append(time.process_time() - c0)
         parts.append((clock.inner, clock.matvec, clock.cg - clock.matvec))
     row = {
-        "mode": "vmap" if batched else "loop",
+        "mode": mode,
         "tasks": 16,
         "seconds_per_meta_step": statistics.median(walls),
         "cpu_seconds_per_meta_step": statistics.median(cpus),
         "all_wall": walls,
     }
-    if batched:
+    if compiled:
+        row["first_meta_step_seconds"] = warmup  # compilation, from an empty cache
+        row.update(_same_process_ratio(learner, batch, repeats))
+    elif batched:
         best = min(range(repeats), key=lambda i: walls[i])
         inner, matvec, cg_rest = parts[best]
         row["breakdown_of_fastest"] = {
@@ -194,7 +210,26 @@ def measure_throughput(batched: bool, repeats: int, threads: int) -> dict:
     return row
 
 
-def _subprocess(args: list[str]) -> dict:
+def _same_process_ratio(compiled, batch, repeats: int) -> dict:
+    """Compiled against eager vmap, interleaved in one process: a ratio that the machine's
+    load, which moves wall times by 20-30% between runs here, affects equally."""
+    eager = _learner("imaml", 16, batched=True)
+    eager.params = compiled.params
+    eager.meta_gradient(batch)  # warm-up
+    times: dict[str, list[float]] = {"compiled": [], "eager": []}
+    for _ in range(repeats):
+        for name, learner in (("compiled", compiled), ("eager", eager)):
+            t0 = time.perf_counter()
+            grads, _ = learner.meta_gradient(batch)
+            float(next(iter(grads.values())).sum())
+            times[name].append(time.perf_counter() - t0)
+    c, e = statistics.median(times["compiled"]), statistics.median(times["eager"])
+    return {
+        "interleaved_with_eager_vmap": {"compiled": c, "eager_vmap": e, "speedup": e / c},
+    }
+
+
+def _subprocess(args: list[str], **env: str) -> dict:
     # The child measures this checkout's code, installed or not (and whatever an editable
     # install elsewhere points at).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -204,26 +239,35 @@ def _subprocess(args: list[str]) -> dict:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": path},
+        env={**os.environ, "PYTHONPATH": path, **env},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _throughput_rows(threads: int, repeats: int) -> list[dict]:
+def _throughput_rows(threads: int, repeats: int, modes: tuple[str, ...] = MODES) -> list[dict]:
     rows = []
-    for mode in ("vmap", "loop"):
-        row = _subprocess(
-            ["--_throughput", mode, "--threads", str(threads), "--repeats", str(repeats)]
-        )
+    for mode in modes:
+        argv = ["--_throughput", mode, "--threads", str(threads), "--repeats", str(repeats)]
+        with tempfile.TemporaryDirectory() as cache:
+            # An empty compiler cache: the first meta-step's time is a cold compilation.
+            row = _subprocess(argv, TORCHINDUCTOR_CACHE_DIR=cache)
         row["threads"] = threads
         row["load_average"] = os.getloadavg()
         rows.append(row)
         print(
-            f"meta-batch 16, {mode:4s}, {threads} thread(s): "
+            f"meta-batch 16, {mode:8s}, {threads} thread(s): "
             f"{row['seconds_per_meta_step']:.3f} s/meta-step wall, "
             f"{row['cpu_seconds_per_meta_step']:.3f} s CPU",
             flush=True,
         )
+        if "first_meta_step_seconds" in row:
+            pair = row["interleaved_with_eager_vmap"]
+            print(
+                f"  first meta-step (compiling): {row['first_meta_step_seconds']:.0f} s; "
+                f"interleaved in one process: compiled {pair['compiled']:.3f} s vs eager vmap "
+                f"{pair['eager_vmap']:.3f} s ({pair['speedup']:.2f}x)",
+                flush=True,
+            )
         if "breakdown_of_fastest" in row:
             parts = row["breakdown_of_fastest"]
             print(
@@ -238,8 +282,12 @@ def _throughput_rows(threads: int, repeats: int) -> list[dict]:
 def _merge_throughput(args: argparse.Namespace, repeats: int) -> None:
     """Replace the rows measured at ``args.threads`` in an existing results file."""
     result = json.loads(args.output.read_text()) if args.output.exists() else {}
-    kept = [r for r in result.get("throughput", []) if r.get("threads") != args.threads]
-    result["throughput"] = kept + _throughput_rows(args.threads, repeats)
+    kept = [
+        r
+        for r in result.get("throughput", [])
+        if r.get("threads") != args.threads or r.get("mode") not in args.modes
+    ]
+    result["throughput"] = kept + _throughput_rows(args.threads, repeats, args.modes)
     result.setdefault("benchmark", "imaml_memory")
     result["torch"] = torch.__version__
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +305,13 @@ def main() -> None:
     parser.add_argument(
         "--throughput-only",
         action="store_true",
-        help="measure only the vmap/loop rows at --threads and merge them into --output",
+        help="measure only the meta-batch rows (--modes) at --threads; merge into --output",
+    )
+    parser.add_argument(
+        "--modes",
+        type=lambda text: tuple(text.split(",")),
+        default=MODES,
+        help=f"meta-batch rows to measure, comma-separated subset of {','.join(MODES)}",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
@@ -266,10 +320,11 @@ def main() -> None:
     if args._one:
         print(json.dumps(measure_one(args._one[0], int(args._one[1]), args.threads)))
         return
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
     if args._throughput:
-        print(
-            json.dumps(measure_throughput(args._throughput == "vmap", args.repeats, args.threads))
-        )
+        print(json.dumps(measure_throughput(args._throughput, args.repeats, args.threads)))
         return
 
     steps_list = [10, 100] if args.quick else [10, 100, 1000]
@@ -289,7 +344,7 @@ def main() -> None:
                 f"  {row['seconds']:7.2f} s",
                 flush=True,
             )
-    throughput = [] if args.skip_throughput else _throughput_rows(args.threads, repeats)
+    throughput = [] if args.skip_throughput else _throughput_rows(args.threads, repeats, args.modes)
 
     def growth(method: str) -> float | None:
         r = {x["inner_steps"]: x["peak_increase_mb"] for x in rows if x["method"] == method}

@@ -377,6 +377,14 @@ class MetaLearner:
     ) -> tuple[Params, Tensor, Tensor]:
         raise NotImplementedError
 
+    def query_loss(
+        self, phi: Params, xq: Tensor, yq: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``(L(φ), (L(φ) detached, metric))``: the outer objective with its statistics as aux."""
+        out = self.model(phi, xq)
+        loss = self._loss_fn(out, yq)
+        return loss, (loss.detach(), self.metric(out.detach(), yq))
+
     def traceable_task_meta_grad(
         self, theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
     ) -> tuple[Params, Tensor, Tensor]:
@@ -536,10 +544,8 @@ class IMAML(MetaLearner):
             return self._task_meta_grad_autograd(theta, xs, ys, xq, yq)
 
         def outer(th: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            phi = self.solve(th, th, xs, ys)  # x0 = θ (no gradient through x0)
-            out = self.model(phi, xq)
-            loss = self._loss_fn(out, yq)
-            return loss, (loss.detach(), self.metric(out.detach(), yq))
+            # x0 = θ (no gradient through x0)
+            return self.query_loss(self.solve(th, th, xs, ys), xq, yq)
 
         grads, (loss, metric) = grad(outer, has_aux=True)(theta)
         return grads, loss, metric
@@ -552,16 +558,11 @@ class IMAML(MetaLearner):
         ``custom_root`` is a ``torch.autograd.Function``, which the compiler cannot trace
         under ``vmap``; ``root_vjp`` is the same backward rule as plain ``torch.func`` code.
         With ``F(φ, θ) = ∇L̂(φ) + λ(φ − θ)``, ``∂F/∂θ = −λI``, so the cotangent it returns
-        for θ, ``−(∂F/∂θ)ᵀu = λu`` with ``(∇²L̂ + λI)u = ∇L(φ*)``, is the whole meta-gradient.
+        for θ, ``−(∂F/∂θ)ᵀu = λu`` with ``(∇²L̂ + (λ + ρ)I)u = ∇L(φ*)``, is the whole
+        meta-gradient.
         """
         phi = {k: v.detach() for k, v in self._inner_solve(theta, theta, xs, ys).items()}
-
-        def query(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            out = self.model(p, xq)
-            loss = self._loss_fn(out, yq)
-            return loss, (loss.detach(), self.metric(out.detach(), yq))
-
-        cotangent, (loss, metric) = grad(query, has_aux=True)(phi)
+        cotangent, (loss, metric) = grad(self.query_loss, has_aux=True)(phi, xq, yq)
         meta_grad, _, _ = bl.root_vjp(
             self.optimality_fn, phi, (theta, xs, ys), cotangent, solver=self.cg, argnums=0
         )
@@ -630,10 +631,7 @@ class MAML(MetaLearner):
         self, theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
     ) -> tuple[Params, Tensor, Tensor]:
         def outer(th: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            phi = self._unrolled(th, xs, ys)
-            out = self.model(phi, xq)
-            loss = self._loss_fn(out, yq)
-            return loss, (loss.detach(), self.metric(out.detach(), yq))
+            return self.query_loss(self._unrolled(th, xs, ys), xq, yq)
 
         grads, (loss, metric) = grad(outer, has_aux=True)(theta)
         return grads, loss, metric
