@@ -133,7 +133,7 @@ def test_vmap_equals_loop(make):
     torch.testing.assert_close(ev, learner.evaluate(batch, "prox"))
 
 
-@pytest.mark.parametrize("method", ["imaml", "maml"])
+@pytest.mark.parametrize("method", ["imaml", "maml", "fomaml"])
 def test_compiled_meta_batch_equals_eager(method):
     """compile=True: the same meta-gradient and statistics as the eager vmap (iMAML's goes
     through bl.root_vjp there, through custom_root here), and it really is compiled."""
