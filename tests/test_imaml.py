@@ -448,6 +448,21 @@ def test_cli_sinusoid_preset_smoke(tmp_path, capsys):
     assert results["test"]["gd"]["metric"] > 0
 
 
+def test_cli_resume_can_switch_compile_on(tmp_path, capsys):
+    from applications.imaml.cli import main
+
+    out = str(tmp_path / "sin")
+    args = ["train", "--preset", "sinusoid", "--out-dir", out, "--steps", "2", "--no-progress"]
+    args += "--inner-steps 1 --cg-steps 1 --meta-batch 2 --val-every 0 --test-tasks 2".split()
+    assert main([*args, "--stop-after", "1"]) == 0
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    assert main(["train", "--out-dir", out, "--resume", "--compile", "--no-progress"]) == 0
+    assert graphs["unique_graphs"] == before + 1
+    results = json.loads((tmp_path / "sin/results.json").read_text())
+    assert results["config"]["compile"] is True and results["meta_steps"] == 2
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     from applications.imaml.trainer import load_checkpoint, train
 

@@ -327,13 +327,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not ckpt.is_file():
             parser.error(f"--resume: no checkpoint at {ckpt}")
         saved = Config.from_dict(load_checkpoint(ckpt)["config"])
-        # The saved configuration wins; only run-length / placement flags may change.
+        # The saved configuration wins; only run-length / placement / execution flags may
+        # change (compiling computes the same meta-gradient, so a run can switch it on).
         for flag, name in (
             ("steps", "steps"),
             ("time_limit", "time_limit"),
             ("device", "device"),
             ("threads", "threads"),
             ("data_dir", "data_dir"),
+            ("compile", "compile"),
         ):
             if getattr(args, flag) is not None:
                 setattr(saved, name, getattr(args, flag))
