@@ -17,16 +17,24 @@ an ``nn.Module``'s parameters). Every solver returns a **detached** solution: th
 derivatives of ``x*`` come from the implicit function theorem, never from the iterations,
 which is why memory does not depend on the number of steps.
 
-| factory | method | ``vmap``-able |
+| factory | method | under ``vmap`` / ``jacfwd`` / ``jvp`` |
 |---|---|---|
 | ``gradient_descent`` | fixed-step GD with ``torch.func.grad`` / autograd | yes |
-| ``torch_optimizer`` | any ``torch.optim`` optimiser for k steps | no |
-| ``lbfgs`` | ``torch.optim.LBFGS`` with a strong-Wolfe line search | no |
-| ``scipy_minimize`` | ``scipy.optimize.minimize`` on the flattened tree | no |
+| ``torch_optimizer`` | any ``torch.optim`` optimiser for k steps | no (clear error) |
+| ``lbfgs`` | ``torch.optim.LBFGS`` with a strong-Wolfe line search | no (clear error) |
+| ``scipy_minimize`` | ``scipy.optimize.minimize`` on the flattened tree | no (clear error) |
+
+Inside :func:`~bilevel.custom_root`, reverse mode (``.backward()``, ``torch.autograd.grad``,
+``torch.func.grad`` / ``vjp`` / ``jacrev``) runs the inner solver outside every transform, so
+all four solvers work there. ``torch.func.vmap``, ``jvp`` and ``jacfwd`` run it inside a
+transform, where only ``gradient_descent`` can work: the other three need tensors that
+require grad (``torch.optim``, autograd gradients for SciPy), which ``torch.func`` forbids,
+and they raise a :class:`RuntimeError` saying so.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,16 +83,52 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def _transform_active() -> bool:
+    """True while any ``torch.func`` transform (vmap, grad, jvp, jacfwd...) is running.
+
+    Testing the inputs is not enough: under ``jacfwd`` the forward of ``custom_root`` runs
+    inside a ``vmap`` level with plain, unwrapped inputs, and ``torch.func`` still forbids
+    ``requires_grad_()`` there.
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _refuse_transforms(factory: str, why: str) -> None:
+    """Raise a clear error for a solver that cannot run inside a ``torch.func`` transform."""
+    if _transform_active():
+        raise RuntimeError(
+            f"bl.inner.{factory} cannot run inside a torch.func transform (vmap, jvp, jacfwd, "
+            f"or a grad / vjp of the solver itself): {why}, and torch.func forbids tensors that "
+            "require grad there. Use bl.inner.gradient_descent, which runs under every "
+            "transform, or differentiate the custom_root-decorated solver in reverse mode "
+            "(.backward(), torch.autograd.grad, torch.func.grad / jacrev), which calls the "
+            "inner solver outside the transform."
+        )
+
+
+def _check_lr(lr: Any) -> None:
+    """A numeric step size must be finite and positive (a tensor is the caller's business:
+    it may be batched under vmap, where reading its value is impossible)."""
+    if isinstance(lr, torch.Tensor):
+        return
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a positive number or a 0-d tensor, got {type(lr).__name__}")
+    if not 0 < lr < float("inf"):
+        raise ValueError(
+            f"lr must be finite and > 0 (e.g. lr=1/L for an L-smooth loss), got {lr!r}"
+        )
+
+
 def gradient_descent(
     loss: Callable[..., torch.Tensor], *, steps: int = 100, lr: float = 0.1
 ) -> InnerSolver:
     r"""Fixed-step gradient descent ``x ← x − lr · ∇ₓ loss(x, *args)`` for ``steps`` steps.
 
     The number of steps is fixed and no value is read on the host, so the solver is a pure
-    function of its inputs. Under ``torch.func`` transforms the gradient is taken with
-    ``torch.func.grad``, elsewhere with plain autograd (about ten times less overhead per
-    step; the iterates are identical). The solver runs under
-    ``torch.func.vmap`` (a batch of tasks or hyperparameters), on CUDA, and inside
+    function of its inputs. While a ``torch.func`` transform is active the gradient is taken
+    with ``torch.func.grad``, elsewhere with plain autograd (about ten times less overhead per
+    step; the iterates are identical). The solver runs under ``torch.func.vmap`` (a batch of
+    tasks or hyperparameters), ``jvp`` / ``jacfwd`` / ``jacrev`` / ``grad``, on CUDA, and inside
     :func:`~bilevel.custom_root` where nothing it does is recorded. It converges linearly
     for a ``μ``-strongly convex, ``L``-smooth loss when ``0 < lr < 2/L`` (rate
     ``max(|1 − lr·μ|, |1 − lr·L|)``; Nesterov, *Lectures on Convex Optimization*, 2018,
@@ -101,6 +145,7 @@ def gradient_descent(
     """
     _check_loss(loss, "gradient_descent")
     _check_steps(steps)
+    _check_lr(lr)
 
     def scalar_loss(x: Tree, *args: Any) -> torch.Tensor:
         return _scalar(loss(x, *args), "gradient_descent")
@@ -109,7 +154,7 @@ def gradient_descent(
 
     def eager_grad(x: Tree, *args: Any) -> Tree:
         leaves, spec = tree_flatten(x)
-        params = [leaf.requires_grad_(True) for leaf in leaves]
+        params = [leaf.detach().requires_grad_(True) for leaf in leaves]
         with torch.enable_grad():
             value = scalar_loss(tree_unflatten(params, spec), *args)
             grads = torch.autograd.grad(value, params, allow_unused=True)
@@ -123,8 +168,10 @@ def gradient_descent(
         x = _detach(x0)
         args = _detach(args)
         # Outside torch.func transforms plain autograd is ~10x cheaper per step than
-        # torch.func.grad; both compute the same gradient.
-        grad_fn = functional_grad if any_wrapped((x, args)) else eager_grad
+        # torch.func.grad; both compute the same gradient. Inside one (even with plain
+        # inputs, as in custom_root's forward under jacfwd) only torch.func.grad is allowed.
+        transformed = _transform_active() or any_wrapped((x, args))
+        grad_fn = functional_grad if transformed else eager_grad
         for _ in range(steps):
             x = tree_map(lambda xi, gi: (xi - lr * gi).detach(), x, grad_fn(x, *args))
         return _detach(x)
@@ -178,6 +225,7 @@ def torch_optimizer(
         raise TypeError("use bilevel.inner.lbfgs for torch.optim.LBFGS (it needs a closure)")
 
     def solver(x0: Tree, *args: Any) -> Tree:
+        _refuse_transforms("torch_optimizer", "torch.optim updates tensors in place")
         params, spec = _parameters(x0)
         args = _detach(args)
         opt = optimizer(params, **optimizer_kwargs)
@@ -235,6 +283,7 @@ def lbfgs(
     _check_steps(max_iter, "max_iter")
 
     def solver(x0: Tree, *args: Any) -> Tree:
+        _refuse_transforms("lbfgs", "torch.optim.LBFGS updates tensors in place")
         params, spec = _parameters(x0)
         args = _detach(args)
         tol = _default_tolerance_grad(x0) if tolerance_grad is None else tolerance_grad
@@ -315,6 +364,9 @@ def scipy_minimize(
     opts = dict(options or {})
 
     def solver(x0: Tree, *args: Any) -> Tree:
+        _refuse_transforms(
+            "scipy_minimize", "SciPy works on NumPy arrays and takes its gradients from autograd"
+        )
         check_float_tree(x0, name="x0")
         leaves, spec = tree_flatten(_detach(x0))
         shapes = [leaf.shape for leaf in leaves]

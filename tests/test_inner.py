@@ -157,3 +157,88 @@ def test_argument_errors() -> None:
             solver(x0)
         with pytest.raises(TypeError, match="floating-point"):
             solver(torch.zeros(3, dtype=torch.int64))
+
+
+# --- torch.func transforms through custom_root (issue 11, item 8) ----------------------------
+
+
+def _ridge_jacobian_by_hand(p: Ridge) -> torch.Tensor:
+    """∂w*/∂λ for w*(λ) = (XᵀX + diag λ)⁻¹Xᵀy: differentiating (XᵀX + diag λ)w* = Xᵀy in λⱼ
+    gives A ∂w*/∂λⱼ = −eⱼ w*ⱼ, so the Jacobian is −A⁻¹ diag(w*)."""
+    A = p.X.T @ p.X + torch.diag(p.lam)
+    w_star = torch.linalg.solve(A, p.X.T @ p.y)
+    return -torch.linalg.solve(A, torch.diag(w_star))
+
+
+@pytest.mark.parametrize("transform", ["jacfwd", "jacrev"])
+@pytest.mark.parametrize("backward", ["CG fixed-K", "Dense"])
+def test_gradient_descent_under_jacfwd_and_jacrev_matches_the_closed_form(
+    transform: str, backward: str
+) -> None:
+    # jacfwd runs custom_root's forward inside a vmap level with plain inputs, where
+    # torch.func forbids requires_grad_(): the eager-autograd path used to crash there.
+    p = Ridge.make(d=4, seed=7)
+    linear = bl.CG(tol=0, maxiter=4) if backward == "CG fixed-K" else bl.Dense()
+    inner = bl.inner.gradient_descent(Ridge.inner_loss, steps=600, lr=1 / p.lipschitz())
+    solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=linear)(inner)
+    x0 = torch.zeros(4, dtype=F64)
+    jacobian = getattr(torch.func, transform)(lambda lam: solve(x0, lam, p.X, p.y))(p.lam)
+    assert rel_err(jacobian, _ridge_jacobian_by_hand(p)) <= 1e-9
+
+
+def test_gradient_descent_runs_under_vmap_of_jacfwd() -> None:
+    p = Ridge.make(d=3, seed=8)
+    inner = bl.inner.gradient_descent(Ridge.inner_loss, steps=600, lr=1 / (p.lipschitz() + 1))
+    solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=bl.Dense())(inner)
+    x0 = torch.zeros(3, dtype=F64)
+    lams = torch.stack([p.lam, p.lam + 1])
+    jac = torch.func.vmap(torch.func.jacfwd(lambda lam: solve(x0, lam, p.X, p.y)))(lams)
+    for i in range(2):
+        q = Ridge(p.X, p.y, p.Xv, p.yv, lams[i])
+        assert rel_err(jac[i], _ridge_jacobian_by_hand(q)) <= 1e-9
+
+
+@pytest.mark.parametrize("name", ["torch_optimizer", "lbfgs", "scipy_minimize"])
+@pytest.mark.parametrize("transform", ["jacfwd", "vmap"])
+def test_solvers_that_need_autograd_refuse_transforms_clearly(name: str, transform: str) -> None:
+    p = Ridge.make(d=4, seed=9)
+    inner = {
+        "torch_optimizer": bl.inner.torch_optimizer(Ridge.inner_loss, torch.optim.SGD, steps=5),
+        "lbfgs": bl.inner.lbfgs(Ridge.inner_loss, max_iter=5),
+        "scipy_minimize": bl.inner.scipy_minimize(Ridge.inner_loss, options={"maxiter": 5}),
+    }[name]
+    solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=bl.Dense())(inner)
+    x0 = torch.zeros(4, dtype=F64)
+    if transform == "jacfwd":
+        run = torch.func.jacfwd(lambda lam: solve(x0, lam, p.X, p.y))
+        lam = p.lam
+    else:
+        run = torch.func.vmap(lambda lam: solve(x0, lam, p.X, p.y))
+        lam = torch.stack([p.lam, p.lam])
+    with pytest.raises(RuntimeError, match=rf"bl\.inner\.{name} cannot run inside a torch\.func"):
+        run(lam)
+    # the message names the alternatives: the transform-safe solver and reverse mode
+    with pytest.raises(RuntimeError, match=r"Use bl\.inner\.gradient_descent.*jacrev"):
+        run(lam)
+
+
+@pytest.mark.parametrize("name", ["torch_optimizer", "lbfgs", "scipy_minimize"])
+def test_solvers_that_need_autograd_still_work_under_jacrev(name: str) -> None:
+    # reverse mode runs custom_root's forward outside the transform: no refusal there
+    p = Ridge.make(d=4, seed=10)
+    solver = _solvers(p)[name]
+    solve = bl.custom_root(bl.stationarity(_tree_loss), solver=bl.Dense())(solver)
+    jac = torch.func.jacrev(lambda lam: _as_vector(solve(_tree_x0(4), lam, p.X, p.y)))(p.lam)
+    tol = 1e-3 if name == "torch_optimizer" else 1e-6  # SGD for 400 steps is approximate
+    assert rel_err(jac, _ridge_jacobian_by_hand(p)) <= tol
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("inf"), float("nan")])
+def test_gradient_descent_rejects_a_non_positive_or_non_finite_lr(lr: float) -> None:
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
+        bl.inner.gradient_descent(lambda x: (x**2).sum(), lr=lr)
+
+
+def test_gradient_descent_rejects_a_non_numeric_lr() -> None:
+    with pytest.raises(TypeError, match="lr must be a positive number or a 0-d tensor"):
+        bl.inner.gradient_descent(lambda x: (x**2).sum(), lr="0.1")
