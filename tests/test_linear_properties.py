@@ -144,14 +144,15 @@ def test_neumann_negative_alpha_solves_fixed_point_systems(
 @given(n=sizes, k=st.integers(0, 15), restart=st.integers(1, 6), seed=seeds)
 def test_fixed_k_performs_exactly_k_matvecs(n: int, k: int, restart: int, seed: int) -> None:
     a, b = random_nonsymmetric(n, seed), random_vector(n, seed)
-    for solver in (
-        bl.CG(tol=0, maxiter=k),
-        bl.Neumann(steps=k),
-        bl.GMRES(tol=0, maxiter=k, restart=restart),
+    for solver, extra in (
+        (bl.CG(tol=0, maxiter=k), 0),
+        (bl.Neumann(steps=k, alpha=0.1), 0),
+        (bl.Neumann(steps=k, power_iterations=3), 3),  # the step-size estimate's matvecs
+        (bl.GMRES(tol=0, maxiter=k, restart=restart), 0),
     ):
         matvec = Counted(a)
         _, info = solver(matvec, b)
-        assert matvec.calls == k, solver
+        assert matvec.calls == k + extra, solver
         assert info.iterations == k and info.reason == "fixed_iterations"
     # NormalCG: k products with A and with Aᵀ, plus Aᵀb and the final true residual.
     matvec, rmatvec = Counted(a), Counted(a.T)
@@ -314,12 +315,14 @@ def test_cg_fixed_k_stays_finite_on_indefinite(n: int, seed: int, k: int) -> Non
     assert torch.isfinite(info.residual_norm)
 
 
-def test_cg_fixed_k_skips_negative_curvature() -> None:
+def test_cg_fixed_k_takes_and_counts_negative_curvature_steps() -> None:
     a = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))
     b = torch.tensor([0.0, 1.0], dtype=F64)  # pᵀAp = −1 on the very first step
     x, info = bl.CG(tol=0, maxiter=5)(lambda v: a @ v, b)
-    assert torch.isfinite(x).all() and int(info.stats["skipped_steps"]) > 0
-    assert info.reason == "fixed_iterations"
+    # The Galerkin step along p = b solves this system exactly; skipping it would not.
+    torch.testing.assert_close(x, torch.tensor([0.0, -1.0], dtype=F64))
+    assert int(info.stats["negative_curvature"]) >= 1 and int(info.stats["breakdowns"]) == 0
+    assert info.reason == "fixed_iterations" and not info.failed
 
 
 def test_fixed_k_stays_finite_after_exact_convergence() -> None:
@@ -379,8 +382,9 @@ def test_fixed_k_cg_reports_nonfinite_matvec() -> None:
     def matvec(v: torch.Tensor) -> torch.Tensor:
         return v * torch.tensor([1.0, math.nan, 2.0], dtype=F64)
 
-    _, info = bl.CG(tol=0, maxiter=3)(matvec, torch.ones(3, dtype=F64))
-    assert not bool(info.converged)
+    x, info = bl.CG(tol=0, maxiter=3)(matvec, torch.ones(3, dtype=F64))
+    assert not bool(info.converged) and bool(info.stats["nonfinite"])
+    assert info.failed and info.outcome == "nonfinite" and torch.isfinite(x).all()
 
 
 def test_dense_falls_back_to_a_loop_for_matvecs_vmap_cannot_trace() -> None:

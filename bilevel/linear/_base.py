@@ -14,9 +14,15 @@ two stopping regimes:
   loop reads the residual on the host each iteration, and ``info`` holds Python scalars.
 * **fixed-K** (``tol == atol == 0``): run exactly ``maxiter`` iterations with no host
   synchronisation and no Python branch on tensor values, so the solve can run under
-  ``torch.func.vmap`` and be captured on CUDA. ``info.converged`` is then a 0-d boolean tensor
-  that is false only when the residual is non-finite: a fixed iteration budget is never a
-  failure.
+  ``torch.func.vmap`` and be captured on CUDA. Running out of the budget is never a
+  failure, but divergence is: when the final residual is non-finite or above ``‖b‖`` the
+  solve is *diverged* and returns ``x = 0`` instead, so the returned residual never exceeds
+  ``‖b‖``. Every field is a 0-d tensor computed without a
+  host sync; :attr:`SolveInfo.failed` reads them once, at the end.
+
+A non-finite ``b`` (e.g. a NaN cotangent) is reported as ``reason="nonfinite"`` with
+``stats["nonfinite_input"]`` true (``info.outcome == "nonfinite_input"``) and gives a NaN
+``x`` in both modes, so that the NaN reaches the gradient instead of turning into zeros.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ..tree import (
     check_same_structure,
     tree_axpy,
     tree_leaves,
+    tree_map,
     tree_norm,
     tree_ravel,
     tree_zeros_like,
@@ -46,8 +53,10 @@ Matvec = Callable[[Tree], Tree]
 
 __all__ = ["Flattening", "LinearProblem", "LinearSolver", "Matvec", "SolveInfo"]
 
-#: Reasons a solve stops. ``fixed_iterations`` is the only reason a fixed-K solve reports.
+#: Reasons a solve stops. ``fixed_iterations`` is the only reason a fixed-K solve reports
+#: (its outcome lives in 0-d tensors: ``converged`` and the ``stats`` entries).
 REASONS = ("converged", "max_iterations", "breakdown", "nonfinite", "fixed_iterations")
+_FAILURES = ("max_iterations", "breakdown", "nonfinite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +65,21 @@ class SolveInfo:
 
     Attributes:
         converged: whether the stopping criterion was met. In fixed-K mode a 0-d boolean
-            tensor, false only when the residual is non-finite.
+            tensor: false when the residual is non-finite or above ``‖b‖`` (diverged).
         iterations: iterations performed (each costs about one ``matvec``).
         residual_norm: ``‖b − (A + ridge·I) x‖`` for the returned ``x`` as tracked by the
             solver's recurrence (a 0-d tensor in fixed-K mode).
         reason: one of ``"converged"``, ``"max_iterations"``, ``"breakdown"`` (the method's
-            assumption failed, e.g. CG met ``pᵀAp ≤ 0``), ``"nonfinite"``, or
+            assumption failed, e.g. CG met ``pᵀAp ≤ 0``, or ``Dense`` met a singular
+            matrix), ``"nonfinite"`` (NaN/Inf in ``b`` — then ``x`` is NaN and
+            ``stats["nonfinite_input"]`` is true — or produced by the iteration), or
             ``"fixed_iterations"`` (fixed-K mode).
-        stats: solver-specific extras, e.g. CG's ``"skipped_steps"`` (fixed-K steps skipped
-            for non-positive curvature) or ``"matvecs"``.
+        stats: solver-specific extras such as ``"matvecs"``. Fixed-K solves always carry
+            three 0-d tensors: ``"breakdowns"`` (iterations in which the method's assumption
+            failed and no step was taken, e.g. CG after non-positive curvature),
+            ``"diverged"`` (the final iterate's residual was non-finite or above ``‖b‖``, so
+            ``x = 0`` was returned), ``"nonfinite"`` (NaN/Inf met during the iteration)
+            and ``"nonfinite_input"`` (``b`` holds NaN/Inf).
     """
 
     converged: bool | torch.Tensor
@@ -74,9 +89,40 @@ class SolveInfo:
     stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
+    def fixed(self) -> bool:
+        """True for the info of a fixed-K solve (fields are 0-d tensors)."""
+        return self.reason == "fixed_iterations"
+
+    @property
     def failed(self) -> bool:
-        """True for an adaptive solve that did not converge. Never true in fixed-K mode."""
-        return self.reason in ("max_iterations", "breakdown", "nonfinite")
+        """True when the result should not be trusted as a solution of the system.
+
+        Adaptive mode: the solve did not converge (any reason but ``"converged"``). Fixed-K
+        mode: the solve diverged, met non-finite values, or broke down (e.g. CG on an
+        indefinite system); exhausting the budget is not a failure. For a fixed-K info this
+        reads its 0-d tensors on the host (one sync): do not call it under ``vmap``.
+        """
+        if not self.fixed:
+            return self.reason in _FAILURES
+        breakdowns = self.stats.get("breakdowns", 0)
+        return not bool(self.converged) or bool(breakdowns > 0)
+
+    @property
+    def outcome(self) -> str:
+        """The reason, with a fixed-K solve's tensors resolved: ``"fixed_iterations"``,
+        ``"diverged"``, ``"breakdown"``, ``"nonfinite"`` or ``"nonfinite_input"`` (one sync)."""
+        stats = self.stats
+        if not self.fixed:
+            return "nonfinite_input" if stats.get("nonfinite_input") else self.reason
+        if bool(stats.get("nonfinite_input", False)):
+            return "nonfinite_input"
+        if bool(stats.get("nonfinite", False)):
+            return "nonfinite"
+        if bool(stats.get("diverged", False)) or not bool(self.converged):
+            return "diverged"
+        if bool(stats.get("breakdowns", 0) > 0):
+            return "breakdown"
+        return "fixed_iterations"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +276,11 @@ class LinearSolver(abc.ABC):
             trivial = self._trivial_solution(problem)
             if trivial is not None:
                 return trivial
-        return self._solve(problem)
+            return self._solve(problem)
+        x, info = self._solve(problem)
+        if not info.fixed:  # a direct solver outside vmap answered with host values
+            return x, info
+        return _guard_fixed(problem, x, info)
 
     @abc.abstractmethod
     def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
@@ -246,8 +296,10 @@ class LinearSolver(abc.ABC):
         """Non-finite or zero ``b`` in adaptive mode: answer without iterating."""
         b_norm = float(tree_norm(problem.b).detach())
         if not math.isfinite(b_norm):
-            x = tree_zeros_like(problem.b) if problem.x0 is None else problem.x0
-            return x, SolveInfo(False, 0, b_norm, "nonfinite")
+            # NaN, not zeros: a NaN cotangent must reach the gradient as NaN (what plain
+            # autograd would give), never as a plausible zero.
+            x = tree_map(lambda t: torch.full_like(t, math.nan), problem.b)
+            return x, SolveInfo(False, 0, b_norm, "nonfinite", {"nonfinite_input": True})
         if b_norm == 0.0:
             return tree_zeros_like(problem.b), SolveInfo(True, 0, 0.0, "converged")
         return None
@@ -263,10 +315,48 @@ class LinearSolver(abc.ABC):
         return SolveInfo(False, iterations, residual_norm, "max_iterations", stats)
 
     def _fixed_info(self, residual_norm: torch.Tensor, iterations: int, **stats: Any) -> SolveInfo:
-        """Info for a fixed-K solve: no host sync, never a failure unless non-finite."""
+        """Info for a fixed-K solve before the divergence guard of ``__call__`` (no sync).
+
+        Solvers may pass ``breakdowns=`` (a 0-d count); the guard fills in ``converged``,
+        ``diverged`` and ``nonfinite_input``.
+        """
         return SolveInfo(
             torch.isfinite(residual_norm), iterations, residual_norm, "fixed_iterations", stats
         )
+
+
+def _guard_fixed(problem: LinearProblem, x: Tree, info: SolveInfo) -> tuple[Tree, SolveInfo]:
+    """Fixed-K post-processing shared by every solver, sync-free and vmappable.
+
+    * diverged (final residual non-finite or above ``‖b‖``): return ``x = 0``, whose
+      residual is exactly ``‖b‖`` — so the returned residual never exceeds ``‖b‖``, whatever
+      ``A`` is (a divergent iterate would be worse than no solve at all);
+    * non-finite ``b``: return NaN, so that the NaN reaches the caller's gradient.
+    """
+    b_norm = tree_norm(problem.b)
+    residual = torch.as_tensor(info.residual_norm, dtype=b_norm.dtype, device=b_norm.device)
+    # NaN compares false: non-finite is diverged. The slack of a few ulps keeps a solve that
+    # made no progress (residual = ‖b‖ up to rounding) from being called diverged.
+    slack = 1.0 + 16 * torch.finfo(b_norm.dtype).eps
+    diverged = ~(residual <= b_norm * slack)
+    finite_b = torch.isfinite(b_norm)
+    x = tree_map(lambda t: torch.where(finite_b, torch.where(diverged, 0, t), math.nan), x)
+    returned = torch.where(diverged, b_norm, residual)
+    stats = dict(info.stats)
+    zero = torch.zeros((), dtype=torch.int64, device=b_norm.device)
+    breakdowns = torch.as_tensor(stats.pop("breakdowns", zero), device=b_norm.device)
+    # A solver that met NaN/Inf inside its iteration (and kept a finite earlier iterate)
+    # says so with ``nonfinite``: the result is then not trusted either.
+    nonfinite = torch.as_tensor(stats.pop("nonfinite", False), device=b_norm.device)
+    stats.update(
+        breakdowns=breakdowns,
+        diverged=diverged & finite_b,
+        nonfinite_input=~finite_b,
+        nonfinite=nonfinite | ~torch.isfinite(residual),
+        final_residual_norm=residual,
+    )
+    converged = finite_b & ~diverged & ~nonfinite
+    return x, SolveInfo(converged, info.iterations, returned, "fixed_iterations", stats)
 
 
 def _check_nonnegative_number(value: object, name: str) -> None:

@@ -31,7 +31,13 @@ class Dense(LinearSolver):
     the residual ``‖b − A x‖`` of the materialised matrix. Outside ``vmap`` the info holds
     Python values: ``"converged"``; ``"breakdown"`` when the factorisation fails (a
     Cholesky factorisation of a matrix that is not positive definite, or an exactly
-    singular ``A`` for LU), in which case ``x`` is zero; or ``"nonfinite"``. Under
+    singular ``A`` for LU) or finds ``A`` numerically singular, in which case ``x`` is
+    zero; or ``"nonfinite"``. Numerical singularity is read from the factor's pivots: the
+    ratio ``min |uᵢᵢ| / max |uᵢᵢ|`` of the diagonal of ``U`` (of ``L``, squared, for
+    Cholesky) is a cheap lower-side estimate of the reciprocal condition number, and a
+    value below ``rcond`` (default ``n·ε``) means the computed ``x`` is dominated by
+    rounding (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §9.1 and
+    §15); ``info.stats["rcond"]`` holds it. Under
     ``torch.func.vmap`` nothing synchronises with the host: ``info.converged`` is a 0-d
     tensor (false after a failed factorisation or a non-finite residual), the reason is
     ``"fixed_iterations"``, and a failed element's ``x`` is zero. Dense is therefore usable
@@ -40,30 +46,52 @@ class Dense(LinearSolver):
     Args:
         positive_definite: use Cholesky; the caller promises ``A + ridge·I`` is SPD.
         ridge: solve ``(A + ridge·I) x = b`` instead (damps indefinite or singular ``A``).
+        rcond: pivot-ratio threshold below which ``A`` counts as singular (default
+            ``n·ε`` of the dtype); ``0`` accepts any nonzero pivot.
     """
 
-    def __init__(self, *, positive_definite: bool = False, ridge: float = 0.0) -> None:
+    def __init__(
+        self, *, positive_definite: bool = False, ridge: float = 0.0, rcond: float | None = None
+    ) -> None:
         super().__init__(tol=0.0, atol=0.0, maxiter=0, ridge=ridge)
+        if rcond is not None:
+            if isinstance(rcond, bool) or not isinstance(rcond, int | float):
+                raise TypeError(f"rcond must be a real number or None, got {type(rcond).__name__}")
+            if not 0 <= rcond < 1:
+                raise ValueError(f"rcond must be in [0, 1) (a pivot ratio), got {rcond!r}")
         self.positive_definite = bool(positive_definite)
+        self.rcond = None if rcond is None else float(rcond)
 
     def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
         flat = Flattening(problem.b)
         b, unravel = flat.vector, flat.unravel
         matrix = materialise(flat.lift(problem.matvec), b)
+        n = b.shape[-1]
         if self.positive_definite:
             factor, status = torch.linalg.cholesky_ex(matrix)
             x = torch.cholesky_solve(b[:, None], factor)[:, 0]
+            pivots = torch.diagonal(factor).abs() ** 2
         else:
-            x, status = torch.linalg.solve_ex(matrix, b)
-        ok = status == 0
+            factor, permutation, status = torch.linalg.lu_factor_ex(matrix)
+            x = torch.linalg.lu_solve(factor, permutation, b[:, None])[:, 0]
+            pivots = torch.diagonal(factor).abs()
+        rcond = pivots.min() / pivots.max().clamp_min(torch.finfo(b.dtype).tiny)
+        threshold = n * torch.finfo(b.dtype).eps if self.rcond is None else self.rcond
+        ok = (status == 0) & (rcond > threshold)
         x = torch.where(ok, x, 0)
         residual = torch.linalg.vector_norm(b - matrix @ x)
-        stats = {"matvecs": b.shape[-1]}
+        stats = {"matvecs": n, "rcond": rcond}
         if any_batched(problem.b):
+            stats["breakdowns"] = (~ok).to(torch.int64)
             return unravel(x), SolveInfo(
                 ok & torch.isfinite(residual), 0, residual, "fixed_iterations", stats
             )
         residual_norm = residual.item()
+        stats["rcond"] = rcond.item()
+        if not bool(torch.isfinite(b).all()):
+            x = torch.full_like(b, float("nan"))
+            stats["nonfinite_input"] = True
+            return unravel(x), SolveInfo(False, 0, float("nan"), "nonfinite", stats)
         if not bool(ok):
             return unravel(x), SolveInfo(False, 0, residual_norm, "breakdown", stats)
         finite = residual_norm < float("inf")  # false for inf and nan

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..tree import Tree, tree_axpy, tree_map, tree_norm, tree_sub
-from ._base import Flattening, LinearProblem, LinearSolver, SolveInfo
+from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo
 
 __all__ = ["Neumann"]
 
@@ -32,30 +32,47 @@ class Neumann(LinearSolver):
     fixed number of steps when ``A`` is well conditioned and a rough solve is enough
     (``K`` steps cost exactly ``K`` matvecs).
 
+    **Step size.** With ``alpha=None`` (the default) ``α = 1/λ̂`` is estimated from
+    ``power_iterations`` steps of the power method on ``A`` started from ``b`` (Golub &
+    Van Loan, §8.2.1): its Rayleigh quotient ``λ̂`` approaches the eigenvalue of largest
+    magnitude among those ``b`` excites — the only ones the series ever meets — from inside
+    the spectrum, so for a symmetric positive definite ``A`` it gives ``α ≥ 1/λ_max`` and,
+    once ``λ̂ > λ_max/2``, a convergent series (a contraction's ``J_T − I`` gives a negative
+    ``λ̂`` and hence a negative ``α``). The estimate is sync-free, is not differentiated
+    (a step size is not part of the maths), costs ``power_iterations`` extra matvecs, and is
+    reported in ``info.stats["alpha"]``. A fixed ``alpha`` costs nothing extra; ``α = 1``
+    diverges on any Hessian with ``λ_max > 2``.
+
     Fixed-K is the default (``tol=0``): exactly ``steps`` steps, no host synchronisation,
-    usable under ``torch.func.vmap``. With ``tol > 0`` or ``atol > 0`` it stops once
+    usable under ``torch.func.vmap``; a series that diverged anyway (residual above ``‖b‖``
+    or non-finite) is reported as diverged and returns ``x = 0`` (see
+    [`SolveInfo`][bilevel.SolveInfo]). With ``tol > 0`` or ``atol > 0`` it stops once
     ``‖r‖ ≤ max(tol·‖b‖, atol)`` and reports ``"max_iterations"`` otherwise.
 
     Args:
         steps: number of terms ``K`` of the series (the iteration budget; ``maxiter`` is
             accepted as an alias).
-        alpha: step size ``α ≠ 0`` (negative for ``A = J_T − I`` of a fixed point).
+        alpha: step size ``α ≠ 0`` (negative for ``A = J_T − I`` of a fixed point); ``None``
+            (default) estimates ``α = 1/λ̂`` by the power method.
         tol: relative tolerance (default 0: fixed-K): stop once
             ``‖b − A x‖ ≤ max(tol·‖b‖, atol)``; ``tol = atol = 0`` selects fixed-K mode.
         atol: absolute tolerance on the residual norm.
         ridge: solve ``(A + ridge·I) x = b`` instead (damps indefinite or singular ``A``).
         maxiter: alias of ``steps`` for code that configures every solver the same way.
+        power_iterations: power-method steps for the ``alpha=None`` estimate (ignored when
+            ``alpha`` is given).
     """
 
     def __init__(
         self,
         *,
         steps: int | None = None,
-        alpha: float = 1.0,
+        alpha: float | None = None,
         tol: float = 0.0,
         atol: float = 0.0,
         ridge: float = 0.0,
         maxiter: int | None = None,
+        power_iterations: int = 10,
     ) -> None:
         if steps is not None and maxiter is not None and steps != maxiter:
             raise ValueError(
@@ -64,12 +81,22 @@ class Neumann(LinearSolver):
         budget = steps if steps is not None else maxiter if maxiter is not None else 10
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
             raise ValueError(f"steps must be a non-negative int, got {budget!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-        if alpha == 0 or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite and non-zero, got {alpha!r}")
+        if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+                raise TypeError(
+                    f"alpha must be a real number or None (estimate it), got {type(alpha).__name__}"
+                )
+            if alpha == 0 or not math.isfinite(alpha):
+                raise ValueError(f"alpha must be finite and non-zero, got {alpha!r}")
+        if (
+            isinstance(power_iterations, bool)
+            or not isinstance(power_iterations, int)
+            or power_iterations < 1
+        ):
+            raise ValueError(f"power_iterations must be a positive int, got {power_iterations!r}")
         super().__init__(tol=tol, atol=atol, maxiter=budget, ridge=ridge)
-        self.alpha = float(alpha)
+        self.alpha = None if alpha is None else float(alpha)
+        self.power_iterations = power_iterations
 
     @property
     def steps(self) -> int:
@@ -81,19 +108,38 @@ class Neumann(LinearSolver):
         x, info = self._solve_flat(flat.problem(problem))
         return flat.unravel(x), info
 
+    def _step_size(self, matvec: Matvec, b: torch.Tensor) -> tuple[float | torch.Tensor, int]:
+        """``α`` and the matvecs spent on it: the given one, or ``1/λ̂`` by the power method."""
+        if self.alpha is not None:
+            return self.alpha, 0
+        with torch.no_grad():  # a step size, not part of the maths: never differentiated
+            v, rayleigh = b.detach(), torch.zeros((), dtype=b.dtype, device=b.device)
+            tiny = torch.finfo(b.dtype).tiny
+            for _ in range(self.power_iterations):
+                v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
+                av = matvec(v).detach()
+                rayleigh = torch.dot(v, av)
+                v = av
+            # λ̂ = 0 (b in the null space, or b = 0) leaves any α valid: use 1.
+            alpha = torch.where(rayleigh != 0, 1 / torch.where(rayleigh != 0, rayleigh, 1), 1)
+        if not self.fixed_iterations:
+            return float(alpha), self.power_iterations
+        return alpha, self.power_iterations
+
     def _solve_flat(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
-        matvec, b, alpha = problem.matvec, problem.b, self.alpha
+        matvec, b = problem.matvec, problem.b
+        alpha, matvecs = self._step_size(matvec, b)
         if problem.x0 is None:
-            x, r, matvecs = tree_map(torch.zeros_like, b), b, 0
+            x, r = tree_map(torch.zeros_like, b), b
         else:
-            x, r, matvecs = problem.x0, tree_sub(b, matvec(problem.x0)), 1
+            x, r, matvecs = problem.x0, tree_sub(b, matvec(problem.x0)), matvecs + 1
 
         if self.fixed_iterations:
             for _ in range(self.maxiter):
-                x = tree_axpy(alpha, r, x)
-                r = tree_axpy(-alpha, matvec(r), r)
+                x = x + alpha * r
+                r = r - alpha * matvec(r)
             matvecs += self.maxiter
-            return x, self._fixed_info(tree_norm(r), self.maxiter, matvecs=matvecs)
+            return x, self._fixed_info(tree_norm(r), self.maxiter, matvecs=matvecs, alpha=alpha)
 
         b_norm = tree_norm(b).item()
         threshold = self._threshold(b_norm)
@@ -105,4 +151,4 @@ class Neumann(LinearSolver):
             r_norm = tree_norm(r).item()
             iterations += 1
             matvecs += 1
-        return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
+        return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs, alpha=alpha)
