@@ -1,17 +1,20 @@
 """Training and evaluation runs: configuration, checkpoints, metrics, learning curves.
 
-A run lives in one output directory::
+A run lives in one output directory, owned by one process at a time::
 
     out_dir/
+      .lock              exclusive flock of the running process (holds its PID)
       config.json        the resolved configuration
-      checkpoint.pt      latest checkpoint (written atomically: temp file + os.replace)
+      checkpoint.pt      latest checkpoint (written atomically: temp file + fsync + os.replace)
       metrics.jsonl      one JSON object per line: {"kind": "train" | "val" | "test", "step", ...}
       curve.png          learning curve (training meta-accuracy, validation accuracy)
       results.json       final test accuracy, both adaptation modes, mean ± 95% CI
 
 A checkpoint holds the meta-parameters, the Adam state, the task sampler's random state and
-torch's global RNG state, so ``--resume`` continues exactly: a run interrupted after any
-checkpoint and resumed produces the same parameters as an uninterrupted run.
+torch's global RNG state (tensors and plain data only, read with ``weights_only=True``), so
+``--resume`` continues exactly: a run interrupted after any checkpoint and resumed produces the
+same parameters as an uninterrupted run. :mod:`applications.imaml.rundir` implements the file
+handling and states its guarantees.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from .._flags import Range, range_errors
 from .meta import (
     GradientDescent,
     MetaLearner,
@@ -35,18 +39,39 @@ from .meta import (
     confidence_interval,
 )
 from .models import build_model
+from .rundir import (
+    CHECKPOINT,
+    CONFIG,
+    FORMAT_VERSION,
+    METRICS,
+    RESULTS,
+    RUN_FILES,
+    CheckpointError,
+    RunError,
+    RunExists,
+    RunLock,
+    check_learner_state,
+    load_checkpoint,
+    preflight,
+    read_metrics,
+    remove_stale_temp_files,
+    save_checkpoint,
+    write_atomic,
+    write_text_atomic,
+)
 
 __all__ = [
+    "CONFIG_RANGES",
     "Config",
     "build_learner",
+    "config_from_checkpoint",
     "evaluate_learner",
     "lake_runs_error",
     "load_checkpoint",
+    "restore_learner",
     "train",
 ]
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 TEST_SEED = 20191  # fixed: every model is tested on the same 600 tasks
 VAL_SEED = 4242
 
@@ -95,10 +120,53 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def range_errors(self) -> list[str]:
+        """``"--flag must be ..., got ..."`` for every setting outside :data:`CONFIG_RANGES`."""
+        values = {_flag(k): v for k, v in self.to_dict().items()}
+        return range_errors(values, {_flag(k): r for k, r in CONFIG_RANGES.items()})
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+#: Allowed values of every numeric setting: the single table behind the CLI's flag checks (at
+#: parse time), the check of presets and the check of a configuration read from a checkpoint.
+#: A value outside it is never meaningful (``max_meta_grad_norm < 0`` turns the outer step into
+#: ascent, ``inner_clip < 0`` reverses the inner descent, ``hidden = 0`` has no layers).
+CONFIG_RANGES: dict[str, Range] = {
+    "ways": Range(1),
+    "shots": Range(1),
+    "queries": Range(1),
+    "eval_queries": Range(1),
+    "meta_batch": Range(1),
+    "meta_lr": Range(0, low_open=True),
+    "steps": Range(1),
+    "time_limit": Range(0, low_open=True),  # None: no limit
+    "inner_steps": Range(0),
+    "inner_lr": Range(0, low_open=True),
+    "inner_clip": Range(0, low_open=True),  # None: no clipping
+    "newton_cg_steps": Range(1),
+    "newton_damping": Range(0),
+    "lam": Range(0, low_open=True),
+    "cg_steps": Range(1),
+    "cg_ridge": Range(0),
+    "max_meta_grad_norm": Range(0, low_open=True),  # None: no clipping
+    "hidden": Range(1),
+    "val_every": Range(0),  # 0: never
+    "val_tasks": Range(1),
+    "test_tasks": Range(0),  # 0: no final test
+    "eval_batch": Range(1),
+    "log_every": Range(1),
+    "ckpt_every": Range(0),  # 0: only at the end
+    "seed": Range(0, 2**32 - 1),
+    "threads": Range(1),  # None: torch's default
+}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 # --- construction ------------------------------------------------------------------------
@@ -275,33 +343,85 @@ def _device(learner: MetaLearner) -> torch.device:
 # --- checkpoints -------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash leaves either the old or the new checkpoint, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def config_from_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Config:
+    """The :class:`Config` saved in a checkpoint, checked as strictly as the CLI's flags.
 
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    Unknown settings (a newer format), settings of the wrong type and values outside
+    :data:`CONFIG_RANGES` are refused, naming the checkpoint: a configuration that cannot have
+    been written by ``train`` would otherwise fail later, deep inside model construction.
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = sorted(set(saved) - set(kinds))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown settings {unknown} in the saved config (written by a newer "
+            "version?); evaluate or resume it with the code that wrote it"
+        )
+    for name, value in saved.items():
+        if not _has_kind(value, str(kinds[name])):
+            raise CheckpointError(
+                f"{path}: saved setting {name}={value!r} is not of type {kinds[name]}; "
+                "restore the file from a copy, or start the run again with --overwrite"
+            )
+    cfg = Config.from_dict({**Config().to_dict(), **saved})
+    errors = cfg.range_errors()
+    if errors:
+        raise CheckpointError(
+            f"{path}: saved config out of range ({'; '.join(errors)}); restore the file from a "
+            "copy, or start the run again with --overwrite"
+        )
+    return cfg
+
+
+def _has_kind(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotation such as ``"int"`` or ``"float | None"``."""
+    for name in (part.strip() for part in annotation.split("|")):
+        if name == "None" and value is None:
+            return True
+        if name == "bool" and isinstance(value, bool):
+            return True
+        if name == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if name == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if name == "str" and isinstance(value, str):
+            return True
+    return False
+
+
+def restore_learner(learner: MetaLearner, state: Mapping[str, Any], path: Path) -> None:
+    """Load a checkpoint's meta-parameters and Adam state after a strict name/shape check."""
+    check_learner_state(state["learner"], learner.params, path)
+    try:
+        learner.load_state_dict(state["learner"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: the optimizer state does not fit this model ({err}); restore the file "
+            "from a copy, or start the run again with --overwrite"
+        ) from None
+
+
+def _restore_streams(sampler: Any, state: Mapping[str, Any], path: Path) -> None:
+    """Restore the task sampler's stream and torch's global RNG, naming the file on failure."""
+    try:
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: the sampler or RNG state does not fit this run ({err}); restore the file "
+            "from a copy, or start the run again with --overwrite"
+        ) from None
+
+
+def _checkpoint_bytes(learner: MetaLearner) -> int:
+    """Size of one checkpoint: parameters and Adam's two moments, plus small state."""
+    params = sum(v.numel() * v.element_size() for v in learner.params.values())
+    return 3 * params + (64 << 10)
 
 
 # --- training ----------------------------------------------------------------------------
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            out.append(json.loads(line))
-    return out
 
 
 def plot_curve(
@@ -313,7 +433,7 @@ def plot_curve(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = _read_metrics(metrics_path)
+    records = read_metrics(metrics_path)
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
@@ -337,10 +457,10 @@ def plot_curve(
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        write_atomic(png_path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def train(
@@ -348,16 +468,22 @@ def train(
     out_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Meta-train, validate periodically, checkpoint, then test on ``cfg.test_tasks`` tasks.
 
+    The run owns ``out_dir`` (an exclusive lock) from start to end; see
+    :mod:`applications.imaml.rundir` for what is guaranteed about its files.
+
     Args:
         cfg: the run's configuration.
         out_dir: output directory (created).
         resume: continue from ``out_dir/checkpoint.pt``.
+        overwrite: replace the run that ``out_dir`` holds (without it, a fresh run into a
+            directory holding one is refused: re-running a preset must not erase its results).
         stop_after: stop (after checkpointing) once this many meta-steps are done in total,
             without testing — simulates an interrupted run (used by the resume test).
         progress: show a tqdm progress bar.
@@ -365,35 +491,118 @@ def train(
 
     Returns:
         A summary dict (also written to ``results.json`` when the run completes).
+
+    Raises:
+        RunError: the directory is in use by another run, holds a run (without ``resume`` or
+            ``overwrite``), cannot take a checkpoint, or its checkpoint is unusable; the
+            message names the file and the fix. Nothing is trained then.
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue a run or replace it")
+    errors = cfg.range_errors()
+    if errors:
+        raise ValueError("; ".join(errors))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(
+            f"cannot create the run directory {out}: {err.strerror or err}; choose another "
+            "--out-dir"
+        ) from err
+    with RunLock(out):
+        _claim_run_dir(out, resume=resume, overwrite=overwrite, log=log)
+        return _train_locked(
+            cfg, out, resume=resume, stop_after=stop_after, progress=progress, log=log
+        )
+
+
+def _claim_run_dir(out: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Make ``out`` ready for this run (the lock is held): refuse, replace or continue a run."""
+    for stale in remove_stale_temp_files(out):
+        log(f"removed {stale}, the temporary file of a write that was interrupted")
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise RunError(
+                f"--resume: no checkpoint at {out / CHECKPOINT}; start the run without --resume"
+            )
+        return
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise RunExists(
+            f"{out} already holds a run ({', '.join(held)}); continue it with --resume, replace "
+            "it with --overwrite, or choose another --out-dir"
+        )
+    if held:
+        preflight(out, 0)  # a write-protected checkpoint is kept, not deleted
+        for name in held:
+            (out / name).unlink()
+        log(f"--overwrite: removed the previous run's {', '.join(held)} from {out}")
+
+
+def _train_locked(
+    cfg: Config,
+    out: Path,
+    *,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    train_split, val_split, test_split = _splits(cfg.dataset)
-    sampler = make_sampler(cfg, train_split, queries=cfg.queries, seed=cfg.seed)
+    sampler = make_sampler(cfg, _splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed)
     learner = build_learner(cfg)
     ckpt_path = out / CHECKPOINT
     metrics_path = out / METRICS
+    preflight(out, _checkpoint_bytes(learner))
     step, elapsed_before = 0, 0.0
     if resume:
         state = load_checkpoint(ckpt_path)
-        learner.load_state_dict(state["learner"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_learner(learner, state, ckpt_path)
+        _restore_streams(sampler, state, ckpt_path)
         step = int(state["step"])
-        elapsed_before = float(state.get("elapsed", 0.0))
-        # Drop metric lines written after the checkpoint (they will be re-run).
-        kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elapsed_before = float(state["elapsed"])
+        # Drop metric lines written after the checkpoint (they will be re-run), and a torn last
+        # line of a killed writer.
+        kept = [r for r in read_metrics(metrics_path, log) if r.get("step", 0) <= step]
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"resumed from {ckpt_path} at meta-step {step}")
     else:
-        metrics_path.write_text("")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_text_atomic(metrics_path, "")
+    write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    with metrics_path.open("a") as metrics_file:
+        return _loop(
+            cfg,
+            out,
+            learner,
+            sampler,
+            metrics_file,
+            step=step,
+            elapsed_before=elapsed_before,
+            stop_after=stop_after,
+            progress=progress,
+            log=log,
+        )
 
-    val_sampler_args = (val_split, cfg.eval_queries)
-    metrics_file = metrics_path.open("a")
+
+def _loop(
+    cfg: Config,
+    out: Path,
+    learner: MetaLearner,
+    sampler: Any,
+    metrics_file: IO[str],
+    *,
+    step: int,
+    elapsed_before: float,
+    stop_after: int | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The training loop, final checkpoint, curve and test of :func:`train` (lock held)."""
+    _, val_split, test_split = _splits(cfg.dataset)
+    ckpt_path = out / CHECKPOINT
 
     def record(entry: dict[str, Any]) -> None:
         metrics_file.write(json.dumps(entry) + "\n")
@@ -403,7 +612,7 @@ def train(
         save_checkpoint(
             ckpt_path,
             {
-                "version": 1,
+                "version": FORMAT_VERSION,
                 "config": cfg.to_dict(),
                 "step": step,
                 "learner": learner.state_dict(),
@@ -414,9 +623,9 @@ def train(
         )
 
     def validate() -> dict[str, Any]:
-        if val_sampler_args[0] is None and cfg.dataset != "sinusoid":
+        if val_split is None and cfg.dataset != "sinusoid":
             return {}
-        vs = make_sampler(cfg, val_sampler_args[0], queries=val_sampler_args[1], seed=VAL_SEED)
+        vs = make_sampler(cfg, val_split, queries=cfg.eval_queries, seed=VAL_SEED)
         return evaluate_learner(learner, vs, cfg.val_tasks, batch=cfg.eval_batch)
 
     bar = None
@@ -497,12 +706,11 @@ def train(
         "stopped_by_time_limit": stopped_by_time,
     }
     if stop_after is not None and step >= stop_after and step < cfg.steps:
-        metrics_file.close()
         summary["interrupted"] = True
         return summary
     try:
         plot_curve(
-            metrics_path,
+            out / METRICS,
             out / "curve.png",
             title=f"{cfg.method} {cfg.dataset}",
             ylabel="accuracy" if metric_name == "acc" else "MSE",
@@ -522,6 +730,5 @@ def train(
             summary["lake_one_shot"] = lake_runs_error(learner, cfg.data_dir)
             for mode, err in summary["lake_one_shot"].items():
                 log(f"Lake et al.'s 20 one-shot runs, {mode}: error rate {100 * err:.2f}%")
-    metrics_file.close()
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / RESULTS, json.dumps(summary, indent=2) + "\n")
     return summary
