@@ -21,16 +21,27 @@ The proximal and projection operators are written with differentiable torch prim
 only (no host synchronisation, no data-dependent shapes), so they are differentiable in
 their hyperparameters (the ℓ₁ strength, the box bounds, the radius) and run under
 ``torch.func.vmap``.
+
+Every hyperparameter is validated, because an invalid one does not fail on its own: a
+negative ℓ₁ strength *enlarges* ``v``, a negative radius flips its sign, an empty box returns
+points outside it. A wrong type raises ``TypeError`` and an invalid value ``ValueError``,
+naming the function, the argument and the fix. Values of plain tensors are checked eagerly
+(one host synchronisation per call on CUDA). Under ``torch.func`` transforms and
+``torch.compile`` a value cannot be read on the host, so the check is done without a
+synchronisation instead: an invalid entry is replaced by NaN, which makes the result NaN
+(loud) instead of silently wrong.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ._transforms import any_wrapped
+from ._transforms import any_wrapped, is_batched, is_wrapped
 from .tree import (
     Tree,
     tree_axpy,
@@ -175,10 +186,109 @@ def _selector(selector: HyperSelector, name: str) -> Callable[[tuple], Any]:
     )
 
 
-def _check_step(step: float) -> float:
-    if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step < float("inf"):
-        raise ValueError(f"step must be a finite positive number, got {step!r}")
+def _check_step(step: Any, where: str) -> float:
+    """The gradient step ``η`` of a proximal / projected gradient condition: a finite ``η > 0``.
+
+    A Python number only: ``η`` fixes the condition, not a hyperparameter to differentiate.
+    """
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(
+            f"{where}: step must be a Python number η > 0, got {type(step).__name__}; any η > 0 "
+            "has the same fixed points, η ≈ 1/L (L the Lipschitz constant of ∇f) conditions best"
+        )
+    if not 0 < step < math.inf:
+        raise ValueError(
+            f"{where}: step must be a finite number η > 0, got {step!r}; any η > 0 has the same "
+            "fixed points, η ≈ 1/L (L the Lipschitz constant of ∇f) conditions best"
+        )
     return float(step)
+
+
+# --- validation of hyperparameters -----------------------------------------------------------
+
+
+def _readable(*tensors: torch.Tensor) -> bool:
+    """Whether the values of ``tensors`` can be read on the host right now.
+
+    Not under a ``torch.func`` transform (a wrapped tensor's ``.item()`` is forbidden, and a
+    batched one has no single value) nor while ``torch.compile`` traces (it would break the
+    graph). Plain tensors inside a transform's function are readable.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not any(is_wrapped(t) or is_batched(t) for t in tensors)
+
+
+def _poison(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` with its invalid entries made NaN: the sync-free form of a check.
+
+    A product, not ``torch.where``: ``where`` would give the invalid entries a zero
+    derivative, so a gradient taken under ``torch.func.grad`` would be a silent 0 instead of
+    NaN; ``value · NaN`` has a NaN derivative too.
+    """
+    dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+    return value * torch.where(valid, torch.ones_like(value, dtype=dtype), math.nan)
+
+
+def _first_bad(value: torch.Tensor, valid: torch.Tensor) -> str:
+    """``"2 invalid entries, e.g. -1.0"``: what an error message says about a bad tensor."""
+    bad = value.detach().expand_as(valid)[~valid]
+    count = int(bad.numel())
+    return f"{count} invalid entr{'y' if count == 1 else 'ies'}, e.g. {bad[0].item()!r}"
+
+
+def _check_real_type(value: Any, where: str, arg: str, fix: str) -> None:
+    """``value`` must be a real number or a real (not bool, not complex) tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{where}: {arg} must be a real tensor, got dtype {value.dtype}. {fix}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{where}: {arg} must be a number, a tensor, or a tree of them with the structure "
+            f"of x; got {type(value).__name__}. {fix}"
+        )
+
+
+def _check_nonnegative(value: Any, where: str, arg: str, fix: str, *, strict: bool = False) -> Any:
+    """Check a number or tensor is finite and ``≥ 0`` (``> 0`` if ``strict``); return it.
+
+    Raises ``TypeError`` / ``ValueError`` naming ``where`` and ``arg``; a tensor that cannot be
+    read on the host comes back with its invalid entries set to NaN.
+    """
+    _check_real_type(value, where, arg, fix)
+    bound = "> 0" if strict else "≥ 0"
+    if not isinstance(value, torch.Tensor):
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise ValueError(f"{where}: {arg} must be finite and {bound}, got {value!r}. {fix}")
+        return value
+    valid = torch.isfinite(value) & (value > 0 if strict else value >= 0)
+    if not _readable(value):
+        return _poison(valid, value)
+    if not bool(valid.all()):
+        raise ValueError(
+            f"{where}: {arg} must be finite and {bound}, got a tensor with "
+            f"{_first_bad(value, valid)}. {fix}"
+        )
+    return value
+
+
+def _check_nonnegative_tree(
+    value: Any, where: str, arg: str, fix: str, *, strict: bool = False
+) -> Any:
+    """:func:`_check_nonnegative` on a number, a tensor, or every leaf of a tree of them."""
+    if isinstance(value, tuple | list | dict):
+        return tree_map(
+            lambda leaf: _check_nonnegative(leaf, where, arg, fix, strict=strict), value
+        )
+    return _check_nonnegative(value, where, arg, fix, strict=strict)
+
+
+_STRENGTH_FIX = (
+    "A penalty weight is ≥ 0; to learn it, parametrise it as exp(log_strength) or softplus(raw)."
+)
+_SCALE_FIX = "scale is the step η > 0 multiplying g (proximal_gradient passes its step)."
+_RADIUS_FIX = "Pass r > 0; to learn it, parametrise it as exp(log_radius)."
 
 
 def proximal_gradient(
@@ -230,7 +340,7 @@ def proximal_gradient(
         raise TypeError(
             f"proximal_gradient(f, prox): prox must be callable, got {type(prox).__name__}"
         )
-    eta = _check_step(step)
+    eta = _check_step(step, "proximal_gradient")
     select = _selector(prox_hyper, "prox_hyper")
     grad_f = torch.func.grad(f, argnums=0)
 
@@ -288,7 +398,7 @@ def projected_gradient(
             "projected_gradient(f, projection): projection must be callable, got "
             f"{type(projection).__name__}"
         )
-    eta = _check_step(step)
+    eta = _check_step(step, "projected_gradient")
     select = _selector(proj_hyper, "proj_hyper")
     grad_f = torch.func.grad(f, argnums=0)
 
@@ -340,15 +450,21 @@ def prox_lasso(v: Tree, strength: Any, scale: float = 1.0) -> Tree:
 
     Args:
         v: a tree of tensors.
-        strength: ``λ ≥ 0``: a number or tensor broadcast to every leaf (a scalar, or one
-            weight per coordinate), or a tree with the structure of ``v``.
-        scale: the step ``η`` multiplying ``g``.
+        strength: ``λ ≥ 0``, finite: a number or tensor broadcast to every leaf (a scalar, or
+            one weight per coordinate), or a tree with the structure of ``v``.
+        scale: the step ``η > 0`` multiplying ``g`` (a number or tensor).
+
+    Raises:
+        TypeError: ``strength`` or ``scale`` is not a real number / tensor (tree).
+        ValueError: ``strength`` is missing, negative or non-finite, or ``scale ≤ 0``.
     """
     if strength is None:
         raise ValueError(
             "prox_lasso needs the ℓ₁ strength: pass prox_hyper= to proximal_gradient (an "
             "index into args or a callable (*args) -> strength)"
         )
+    strength = _check_nonnegative_tree(strength, "prox_lasso", "strength", _STRENGTH_FIX)
+    scale = _check_nonnegative(scale, "prox_lasso", "scale", _SCALE_FIX, strict=True)
     return _leafwise(lambda leaf, lam: _soft_threshold(leaf, scale * lam), v, strength)
 
 
@@ -361,16 +477,23 @@ def prox_elastic_net(v: Tree, hyper: Any, scale: float = 1.0) -> Tree:
 
     Args:
         v: a tree of tensors.
-        hyper: the pair ``(λ₁, λ₂)``, each a number or tensor shared by every leaf, or a
-            tree with the structure of ``v``.
-        scale: the step ``η`` multiplying ``g``.
+        hyper: the pair ``(λ₁, λ₂)``, each finite and ``≥ 0``: a number or tensor shared by
+            every leaf, or a tree with the structure of ``v``.
+        scale: the step ``η > 0`` multiplying ``g`` (a number or tensor).
+
+    Raises:
+        TypeError: ``λ₁``, ``λ₂`` or ``scale`` is not a real number / tensor (tree).
+        ValueError: ``hyper`` is not a pair, a strength is negative or non-finite, or
+            ``scale ≤ 0``.
     """
     if not (isinstance(hyper, tuple | list) and len(hyper) == 2):
         raise ValueError(
             "prox_elastic_net needs hyper=(l1, l2); pass prox_hyper= to proximal_gradient "
             f"selecting such a pair, got {type(hyper).__name__}"
         )
-    l1, l2 = hyper
+    l1 = _check_nonnegative_tree(hyper[0], "prox_elastic_net", "l1 (hyper[0])", _STRENGTH_FIX)
+    l2 = _check_nonnegative_tree(hyper[1], "prox_elastic_net", "l2 (hyper[1])", _STRENGTH_FIX)
+    scale = _check_nonnegative(scale, "prox_elastic_net", "scale", _SCALE_FIX, strict=True)
     return _leafwise(
         lambda leaf, a, b: _soft_threshold(leaf, scale * a) / (1 + scale * b), v, l1, l2
     )
@@ -388,7 +511,14 @@ def projection_box(v: Tree, bounds: Any) -> Tree:
     Args:
         v: a tree of tensors.
         bounds: the pair ``(lower, upper)``; each a number, a tensor broadcast to every leaf,
-            or a tree with the structure of ``v``. Requires ``lower ≤ upper``.
+            or a tree with the structure of ``v``. Requires ``lower ≤ upper`` elementwise (a
+            non-empty box); ``lower = -inf`` or ``upper = inf`` leave a side open, NaN is
+            rejected.
+
+    Raises:
+        TypeError: a bound is not a real number / tensor (tree).
+        ValueError: ``bounds`` is not a pair, or the box is empty or NaN somewhere
+            (``lower > upper``, ``lower = inf``, ``upper = -inf``).
     """
     if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
         raise ValueError(
@@ -396,13 +526,43 @@ def projection_box(v: Tree, bounds: Any) -> Tree:
             "projected_gradient selecting such a pair (e.g. proj_hyper=lambda *args: (0.0, 1.0))"
         )
     lower, upper = bounds
+    for arg, bound in (("lower (bounds[0])", lower), ("upper (bounds[1])", upper)):
+        for leaf in tree_leaves(bound) if isinstance(bound, tuple | list | dict) else [bound]:
+            _check_real_type(leaf, "projection_box", arg, _BOX_FIX)
 
     def clip(leaf: torch.Tensor, lo: Any, hi: Any) -> torch.Tensor:
         lo = torch.as_tensor(lo, dtype=leaf.dtype, device=leaf.device)
         hi = torch.as_tensor(hi, dtype=leaf.dtype, device=leaf.device)
+        lo, hi = _check_box(lo, hi)
         return torch.minimum(torch.maximum(leaf, lo), hi)
 
     return _leafwise(clip, v, lower, upper)
+
+
+_BOX_FIX = (
+    "The box must be non-empty: lower ≤ upper elementwise (±inf leave a side open). Swap the "
+    "bounds, or to learn them parametrise upper = lower + exp(log_width)."
+)
+
+
+def _check_box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of a non-empty box: ``lower ≤ upper``, ``lower < inf``, ``upper > -inf``.
+
+    Comparisons with NaN are false, so a NaN bound is invalid too. Unreadable bounds (under
+    ``torch.func`` transforms) come back NaN where invalid instead of raising.
+    """
+    valid = (lo <= hi) & (lo < math.inf) & (hi > -math.inf)
+    if not _readable(lo, hi):
+        return _poison(valid, lo), _poison(valid, hi)
+    if not bool(valid.all()):
+        lo_b, hi_b = torch.broadcast_tensors(lo.detach(), hi.detach())
+        i = int((~valid).reshape(-1).nonzero()[0])
+        raise ValueError(
+            f"projection_box: the box is empty at {int((~valid).sum())} coordinate(s), e.g. "
+            f"lower={lo_b.reshape(-1)[i].item()!r}, upper={hi_b.reshape(-1)[i].item()!r}. "
+            f"{_BOX_FIX}"
+        )
+    return lo, hi
 
 
 def _simplex_last_axis(v: torch.Tensor, radius: Any) -> torch.Tensor:
@@ -437,10 +597,15 @@ def projection_simplex(v: Tree, radius: Any = None) -> Tree:
 
     Args:
         v: a tree of tensors.
-        radius: ``r > 0`` (default 1): a number, a tensor broadcast over rows, or a tree with
-            the structure of ``v``.
+        radius: ``r > 0`` (default 1), finite: a number, a tensor broadcast over rows, or a
+            tree with the structure of ``v``.
+
+    Raises:
+        TypeError: ``radius`` is not a real number / tensor (tree).
+        ValueError: ``radius`` is ``≤ 0`` or non-finite.
     """
     r = 1.0 if radius is None else radius
+    r = _check_nonnegative_tree(r, "projection_simplex", "radius", _RADIUS_FIX, strict=True)
     return _leafwise(_simplex_last_axis, v, r)
 
 
@@ -452,9 +617,24 @@ def projection_l2_ball(v: Tree, radius: Any = None) -> Tree:
 
     Args:
         v: a tree of tensors.
-        radius: ``r > 0`` (default 1): a number or a 0-d tensor.
+        radius: ``r > 0`` (default 1), finite: a number or a 0-d tensor.
+
+    Raises:
+        TypeError: ``radius`` is not a real number or tensor.
+        ValueError: ``radius`` is not 0-d, ``≤ 0`` or non-finite.
     """
     r = 1.0 if radius is None else radius
+    if isinstance(r, bool) or not isinstance(r, torch.Tensor | numbers.Real):
+        raise TypeError(
+            f"projection_l2_ball: radius must be a number or a 0-d tensor, got "
+            f"{type(r).__name__}. {_RADIUS_FIX}"
+        )
+    if isinstance(r, torch.Tensor) and r.dim() != 0:
+        raise ValueError(
+            "projection_l2_ball: radius must be a number or a 0-d tensor (the norm is over the "
+            f"whole tree), got shape {tuple(r.shape)}; for one ball per row, vmap over the rows"
+        )
+    r = _check_nonnegative(r, "projection_l2_ball", "radius", _RADIUS_FIX, strict=True)
     sq = tree_dot(v, v)
     inside = sq <= r**2
     safe = torch.where(inside, torch.ones_like(sq), sq)

@@ -444,3 +444,248 @@ def test_stationarity_is_the_same_in_every_autodiff_mode() -> None:
     assert torch.allclose(batch[1], F(2 * x, lam))
     with pytest.raises(ValueError, match="scalar"):
         bl.stationarity(lambda z: z**2)(x_leaf)
+
+
+# --- parameter validation (issue 11, item 9) ------------------------------------------------
+#
+# An invalid hyperparameter used to return nonsense silently (prox_lasso(v, -1) enlarged v,
+# projection_l2_ball(v, -1) flipped its sign). Each case raises, naming the argument.
+
+_V = torch.tensor([3.0, -4.0, 0.5], dtype=F64)
+_NAN, _INF = float("nan"), float("inf")
+
+
+def _quadratic(x, *args):
+    return 0.5 * (x**2).sum()
+
+
+_VALIDATION_ERRORS = {
+    # prox_lasso
+    "lasso negative strength": (lambda: bl.prox_lasso(_V, -1.0), ValueError, r"strength.*≥ 0"),
+    "lasso negative strength entry": (
+        lambda: bl.prox_lasso(_V, torch.tensor([0.1, -2.0, 0.1], dtype=F64)),
+        ValueError,
+        r"strength.*1 invalid entry, e\.g\. -2\.0",
+    ),
+    "lasso negative strength in a tree": (
+        lambda: bl.prox_lasso({"a": _V}, {"a": -0.5}),
+        ValueError,
+        "strength",
+    ),
+    "lasso nan strength": (lambda: bl.prox_lasso(_V, _NAN), ValueError, "strength must be finite"),
+    "lasso inf strength": (lambda: bl.prox_lasso(_V, _INF), ValueError, "strength must be finite"),
+    "lasso string strength": (lambda: bl.prox_lasso(_V, "0.1"), TypeError, "strength.*got str"),
+    "lasso bool strength": (lambda: bl.prox_lasso(_V, True), TypeError, "strength"),
+    "lasso complex strength": (
+        lambda: bl.prox_lasso(_V, torch.tensor(1j)),
+        TypeError,
+        "strength must be a real tensor",
+    ),
+    "lasso zero scale": (lambda: bl.prox_lasso(_V, 0.1, 0.0), ValueError, r"scale.*> 0"),
+    "lasso negative scale": (lambda: bl.prox_lasso(_V, 0.1, -1.0), ValueError, "scale"),
+    # prox_elastic_net
+    "enet negative l1": (lambda: bl.prox_elastic_net(_V, (-0.1, 0.2)), ValueError, "l1"),
+    "enet negative l2": (lambda: bl.prox_elastic_net(_V, (0.1, -0.2)), ValueError, "l2"),
+    "enet nan l2": (lambda: bl.prox_elastic_net(_V, (0.1, _NAN)), ValueError, "l2"),
+    "enet string l1": (lambda: bl.prox_elastic_net(_V, ("a", 0.2)), TypeError, "l1"),
+    "enet zero scale": (lambda: bl.prox_elastic_net(_V, (0.1, 0.2), 0), ValueError, "scale"),
+    # projection_box
+    "box lower > upper": (
+        lambda: bl.projection_box(_V, (1.0, 0.0)),
+        ValueError,
+        r"box is empty.*lower=1\.0, upper=0\.0.*[Ss]wap",
+    ),
+    "box lower > upper entry": (
+        lambda: bl.projection_box(
+            _V, (torch.zeros(3, dtype=F64), torch.tensor([1.0, -1.0, 1.0], dtype=F64))
+        ),
+        ValueError,
+        r"empty at 1 coordinate.*upper=-1\.0",
+    ),
+    "box nan bound": (lambda: bl.projection_box(_V, (_NAN, 1.0)), ValueError, "lower=nan"),
+    "box lower = inf": (lambda: bl.projection_box(_V, (_INF, _INF)), ValueError, "empty"),
+    "box upper = -inf": (lambda: bl.projection_box(_V, (-_INF, -_INF)), ValueError, "empty"),
+    "box string bound": (lambda: bl.projection_box(_V, (0.0, "1")), TypeError, "upper"),
+    "box bool bound": (lambda: bl.projection_box(_V, (False, 1.0)), TypeError, "lower"),
+    # projection_simplex
+    "simplex zero radius": (lambda: bl.projection_simplex(_V, 0.0), ValueError, r"radius.*> 0"),
+    "simplex negative radius entry": (
+        lambda: bl.projection_simplex(torch.ones(2, 3), torch.tensor([1.0, -1.0])),
+        ValueError,
+        "radius",
+    ),
+    "simplex inf radius": (lambda: bl.projection_simplex(_V, _INF), ValueError, "finite"),
+    "simplex string radius": (lambda: bl.projection_simplex(_V, "1"), TypeError, "radius"),
+    # projection_l2_ball
+    "ball negative radius": (lambda: bl.projection_l2_ball(_V, -1.0), ValueError, r"radius.*> 0"),
+    "ball zero tensor radius": (
+        lambda: bl.projection_l2_ball(_V, torch.tensor(0.0, dtype=F64)),
+        ValueError,
+        "radius",
+    ),
+    "ball nan radius": (lambda: bl.projection_l2_ball(_V, _NAN), ValueError, "finite"),
+    "ball vector radius": (
+        lambda: bl.projection_l2_ball(_V, torch.ones(3)),
+        ValueError,
+        r"0-d tensor.*shape \(3,\)",
+    ),
+    "ball string radius": (lambda: bl.projection_l2_ball(_V, "1"), TypeError, "radius"),
+    # proximal_gradient / projected_gradient
+    "proximal negative step": (
+        lambda: bl.proximal_gradient(_quadratic, bl.prox_lasso, -0.1, prox_hyper=0),
+        ValueError,
+        r"proximal_gradient: step.*η > 0",
+    ),
+    "proximal inf step": (
+        lambda: bl.proximal_gradient(_quadratic, bl.prox_lasso, _INF, prox_hyper=0),
+        ValueError,
+        "step",
+    ),
+    "proximal string step": (
+        lambda: bl.proximal_gradient(_quadratic, bl.prox_lasso, "0.1", prox_hyper=0),
+        TypeError,
+        "step must be a Python number",
+    ),
+    "projected nan step": (
+        lambda: bl.projected_gradient(_quadratic, bl.projection_simplex, _NAN),
+        ValueError,
+        r"projected_gradient: step",
+    ),
+    "projected tensor step": (
+        lambda: bl.projected_gradient(_quadratic, bl.projection_simplex, torch.tensor(0.1)),
+        TypeError,
+        "step",
+    ),
+    "proximal non-callable f": (
+        lambda: bl.proximal_gradient("f", bl.prox_lasso),
+        TypeError,
+        "f must be callable",
+    ),
+    "projected non-callable projection": (
+        lambda: bl.projected_gradient(_quadratic, None),
+        TypeError,
+        "projection must be callable",
+    ),
+    "proj_hyper wrong type": (
+        lambda: bl.projected_gradient(_quadratic, bl.projection_box, proj_hyper=1.5),
+        TypeError,
+        "proj_hyper",
+    ),
+    # the invalid hyperparameter reached through the condition, from args
+    "condition passes a negative radius": (
+        lambda: bl.projected_gradient(_quadratic, bl.projection_l2_ball, proj_hyper=0)(
+            _V, torch.tensor(-1.0, dtype=F64)
+        ),
+        ValueError,
+        "projection_l2_ball: radius",
+    ),
+    "stationarity non-callable": (lambda: bl.stationarity(3), TypeError, "loss must be callable"),
+    "fixed_point non-callable": (lambda: bl.fixed_point(None), TypeError, "T must be callable"),
+}
+
+
+@pytest.mark.parametrize("case", list(_VALIDATION_ERRORS))
+def test_invalid_parameters_raise_naming_the_argument(case: str) -> None:
+    call, error, message = _VALIDATION_ERRORS[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_valid_edge_values_are_accepted() -> None:
+    # λ = 0 is the identity, ±inf bounds leave a side of the box open, lower = upper pins
+    assert torch.equal(bl.prox_lasso(_V, 0.0), _V)
+    assert torch.equal(bl.prox_elastic_net(_V, (0, 0)), _V)
+    assert torch.equal(
+        bl.projection_box(_V, (-_INF, 1.0)), torch.tensor([1.0, -4.0, 0.5], dtype=F64)
+    )
+    assert torch.equal(bl.projection_box(_V, (2.0, 2.0)), torch.full((3,), 2.0, dtype=F64))
+    assert torch.equal(
+        bl.prox_lasso(_V, torch.tensor([0, 1, 0])), torch.tensor([3.0, -3.0, 0.5], dtype=F64)
+    )
+
+
+# --- the helpers under torch.func transforms with tensor-valued parameters --------------------
+
+
+def test_prox_lasso_under_vmap_and_grad_with_tensor_strengths() -> None:
+    lams = torch.tensor([[0.1, 1.0, 0.2], [2.0, 0.0, 1.0]], dtype=F64)  # per-coordinate
+    batch = torch.func.vmap(bl.prox_lasso, in_dims=(None, 0))(_V, lams)
+    v = _V.numpy()
+    for i in range(2):
+        expected = np.sign(v) * np.maximum(np.abs(v) - lams[i].numpy(), 0)
+        np.testing.assert_allclose(batch[i].numpy(), expected, atol=1e-15)
+    # d/dλⱼ prox(v)ⱼ = −scale · sign(vⱼ) on |vⱼ| > scale·λⱼ, else 0
+    lam = torch.tensor([0.1, 1.0, 0.6], dtype=F64)
+    g = torch.func.grad(lambda lam: (bl.prox_lasso(_V, lam, 0.5) * torch.arange(1.0, 4.0)).sum())(
+        lam
+    )
+    mask = (_V.abs() > 0.5 * lam).to(F64)
+    assert torch.equal(g, -0.5 * torch.sign(_V) * mask * torch.arange(1.0, 4.0, dtype=F64))
+    # per-sample gradients: vmap of grad
+    per = torch.func.vmap(torch.func.grad(lambda lam: bl.prox_lasso(_V, lam).sum()))(lams)
+    for i in range(2):
+        mask = (_V.abs() > lams[i]).to(F64)
+        assert torch.equal(per[i], -torch.sign(_V) * mask)
+
+
+def test_elastic_net_and_box_under_vmap_and_jacfwd_with_tensor_parameters() -> None:
+    l2s = torch.tensor([0.0, 1.0, 3.0], dtype=F64)
+    batch = torch.func.vmap(lambda l2: bl.prox_elastic_net(_V, (0.5, l2)))(l2s)
+    v = _V.numpy()
+    for i, l2 in enumerate(l2s.tolist()):
+        expected = np.sign(v) * np.maximum(np.abs(v) - 0.5, 0) / (1 + l2)
+        np.testing.assert_allclose(batch[i].numpy(), expected, atol=1e-15)
+    lower = torch.tensor([[-1.0, -1.0, 0.0], [0.0, -5.0, 1.0]], dtype=F64)
+    upper = lower + 1.0
+    boxed = torch.func.vmap(lambda lo, hi: bl.projection_box(_V, (lo, hi)))(lower, upper)
+    np.testing.assert_array_equal(boxed.numpy(), np.clip(v, lower.numpy(), upper.numpy()))
+    # ∂proj/∂upper is the 0/1 mask of coordinates clipped at the upper bound
+    d_upper = torch.func.jacfwd(lambda hi: bl.projection_box(_V, (lower[0], hi)))(upper[0])
+    assert torch.equal(d_upper, torch.diag((_V > upper[0]).to(F64)))
+
+
+def test_radii_under_vmap_and_grad() -> None:
+    radii = torch.tensor([1.0, 5.0, 10.0], dtype=F64)
+    v = torch.tensor([3.0, 4.0], dtype=F64)  # ‖v‖ = 5
+    balls = torch.func.vmap(bl.projection_l2_ball, in_dims=(None, 0))(v, radii)
+    expected = torch.stack([v / 5, v, v])  # inside or on the ball: unchanged
+    assert torch.allclose(balls, expected, rtol=0, atol=1e-15)
+    # outside: proj = r v/‖v‖, so d Σ proj / dr = Σ v/‖v‖ = 7/5
+    gr = torch.func.grad(lambda r: bl.projection_l2_ball(v, r).sum())(torch.tensor(2.0, dtype=F64))
+    assert float(gr) == pytest.approx(7 / 5, abs=1e-15)
+    simplex = torch.func.vmap(bl.projection_simplex, in_dims=(None, 0))(v, radii)
+    for i, r in enumerate(radii.tolist()):
+        np.testing.assert_allclose(simplex[i].numpy(), _simplex_reference(v.numpy(), r), atol=1e-12)
+
+
+def test_conditions_with_tensor_hyperparameters_under_vmap() -> None:
+    # x*(r) = argmin_{‖x‖ ≤ r} ½‖x − c‖² = c · min(1, r/‖c‖): F vanishes there for every r.
+    c = torch.tensor([3.0, 4.0], dtype=F64)
+    F = bl.projected_gradient(
+        lambda x, r: 0.5 * ((x - c) ** 2).sum(), bl.projection_l2_ball, 0.5, proj_hyper=0
+    )
+    radii = torch.tensor([1.0, 2.0, 7.0], dtype=F64)
+    x_star = c * torch.clamp(radii / 5.0, max=1.0).unsqueeze(1)
+    residual = torch.func.vmap(F)(x_star, radii)
+    assert float(residual.abs().max()) <= 1e-15
+
+
+def test_invalid_tensor_parameters_under_transforms_give_nan_not_nonsense() -> None:
+    # under vmap a value cannot be read on the host: the check is sync-free, an invalid entry
+    # makes that sample's result NaN (the valid samples are untouched)
+    lams = torch.tensor([0.5, -1.0], dtype=F64)
+    out = torch.func.vmap(bl.prox_lasso, in_dims=(None, 0))(_V, lams)
+    assert torch.equal(out[0], torch.tensor([2.5, -3.5, 0.0], dtype=F64))
+    assert torch.isnan(out[1]).all()
+    radii = torch.tensor([1.0, -1.0], dtype=F64)
+    out = torch.func.vmap(bl.projection_l2_ball, in_dims=(None, 0))(_V, radii)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    lower, upper = torch.tensor([0.0, 2.0], dtype=F64), torch.tensor([1.0, 1.0], dtype=F64)
+    out = torch.func.vmap(lambda lo, hi: bl.projection_box(_V, (lo, hi)))(lower, upper)
+    assert torch.equal(out[0], torch.tensor([1.0, 0.0, 0.5], dtype=F64))
+    assert torch.isnan(out[1]).all()
+    # and a gradient taken under torch.func.grad is NaN, not a silent zero
+    g = torch.func.grad(lambda lam: bl.prox_lasso(_V, lam).sum())(torch.tensor(-1.0, dtype=F64))
+    assert torch.isnan(g)
+    g = torch.func.grad(lambda r: bl.projection_l2_ball(_V, r).sum())(torch.tensor(-1.0, dtype=F64))
+    assert torch.isnan(g)
