@@ -689,3 +689,17 @@ def test_invalid_tensor_parameters_under_transforms_give_nan_not_nonsense() -> N
     assert torch.isnan(g)
     g = torch.func.grad(lambda r: bl.projection_l2_ball(_V, r).sum())(torch.tensor(-1.0, dtype=F64))
     assert torch.isnan(g)
+
+
+def test_checks_do_not_break_a_full_graph_under_torch_compile() -> None:
+    # reading a value on the host would be a graph break (an error with fullgraph=True)
+    compiled = torch.compile(
+        lambda v, lam, r: (bl.prox_lasso(v, lam), bl.projection_l2_ball(v, r)),
+        fullgraph=True,
+        backend="eager",
+    )
+    lam = torch.tensor([0.5, 0.1, -1.0], dtype=F64)
+    lasso, ball = compiled(_V, lam, torch.tensor(100.0, dtype=F64))
+    assert torch.equal(lasso[:2], torch.tensor([2.5, -3.9], dtype=F64))
+    assert torch.isnan(lasso[2])  # the invalid strength's coordinate
+    assert torch.equal(ball, _V)  # inside the ball of radius 100
