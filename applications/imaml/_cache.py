@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "CACHE_ENV",
     "OFFLINE_ENV",
+    "DataFileError",
     "atomic_write",
     "cache_root",
     "default_workers",
@@ -37,6 +38,14 @@ __all__ = [
 CACHE_ENV = "BILEVEL_CACHE_DIR"
 #: Environment variable that forbids downloads when set to ``1``, ``true``, ``yes`` or ``on``.
 OFFLINE_ENV = "BILEVEL_OFFLINE"
+
+
+class DataFileError(ValueError):
+    """A data file (an archive, a member of it, an image) is damaged or not what it claims.
+
+    The message is one line naming the file (and the member), what is wrong and the fix. A
+    ``ValueError``, so callers that handled bad data before keep working.
+    """
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -19,6 +19,9 @@ Examples::
     # continue an interrupted run exactly where it stopped
     python -m applications.imaml train --out-dir runs/cpu-quick --resume
 
+    # re-run a preset into the directory of an earlier run, replacing it
+    python -m applications.imaml train --preset demo --overwrite
+
     # test a checkpoint on 600 tasks, both adaptation modes
     python -m applications.imaml evaluate runs/cpu-quick
 """
@@ -28,12 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .trainer import Config
+from .._flags import Range, number, range_errors
+from .trainer import CONFIG_RANGES, Config
 
-__all__ = ["PRESETS", "build_parser", "main"]
+__all__ = ["FLAG_RANGES", "PRESETS", "RESUME_MAY_CHANGE", "build_parser", "main", "resume_config"]
 
 _PAPER = {
     "method": "imaml",
@@ -177,15 +182,36 @@ _BOOL_OVERRIDES: list[tuple[str, str, str]] = [
 ]
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        return value
+#: Allowed range of every numeric flag of ``train`` and ``evaluate``: the settings' table
+#: (:data:`~applications.imaml.trainer.CONFIG_RANGES`) under its flag names, plus the two flags
+#: that are not settings. Checked right after parsing, before anything is loaded or trained.
+FLAG_RANGES: dict[str, Range] = {
+    **{"--" + name.replace("_", "-"): r for name, r in CONFIG_RANGES.items()},
+    "--tasks": Range(1),  # evaluate: tasks to test on
+    "--stop-after": Range(1),  # train (hidden): simulate an interruption
+}
 
-    parse.__name__ = kind.__name__
+#: Settings a resumed run may change, with why: they do not change the meta-gradient of any
+#: step (``steps`` only under the constant learning rate; the cosine schedule depends on it).
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "threads": "CPU threads",
+    "compile": "compiled and eager meta-batches compute the same meta-gradient",
+    "device": "where the meta-gradient is computed",
+    "data_dir": "where the same data is read from",
+    "time_limit": "when the run stops",
+    "steps": "when the run stops (constant learning rate only)",
+}
+
+
+def _nonempty(what: str) -> Any:
+    """An argparse ``type=`` refusing ``''``, which would silently mean the current directory."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return text
+
+    parse.__name__ = what
     return parse
 
 
@@ -202,17 +228,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", choices=["omniglot", "omniglot-lake", "glyphs", "sinusoid"], default=None
     )
     tr.add_argument(
-        "--data-dir", default=None, help="Omniglot directory (or $BILEVEL_OMNIGLOT_DIR)"
+        "--data-dir",
+        type=_nonempty("directory"),
+        default=None,
+        help="Omniglot directory (or $BILEVEL_OMNIGLOT_DIR)",
     )
-    tr.add_argument("--out-dir", default=None, help="run directory (default runs/<preset>)")
-    tr.add_argument("--steps", type=_positive(int), default=None, help="meta-steps")
-    tr.add_argument("--seed", type=_positive(int), default=None)
+    tr.add_argument(
+        "--out-dir",
+        type=_nonempty("directory"),
+        default=None,
+        help="run directory (default runs/<preset>)",
+    )
+    tr.add_argument("--steps", type=number(int), default=None, help="meta-steps")
+    tr.add_argument("--seed", type=number(int), default=None)
     tr.add_argument("--device", default=None, help="cpu | cuda | cuda:0 ...")
-    tr.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
-    tr.add_argument("--stop-after", type=_positive(int), default=None, help=argparse.SUPPRESS)
+    again = tr.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue the run in out-dir exactly where it stopped"
+    )
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace the run that out-dir already holds"
+    )
+    tr.add_argument("--stop-after", type=number(int), default=None, help=argparse.SUPPRESS)
     tr.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     for flag, _field, kind, text in _OVERRIDES:
-        tr.add_argument(flag, type=_positive(kind), default=None, help=text)
+        tr.add_argument(flag, type=number(kind), default=None, help=text)
     for flag, _field, text in _BOOL_OVERRIDES:
         tr.add_argument(
             f"--{flag}", dest=flag.replace("-", "_"), action="store_true", default=None, help=text
@@ -227,10 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="test a checkpoint")
     ev.add_argument("checkpoint", help="run directory or checkpoint file")
     ev.add_argument("--dataset", choices=["omniglot", "omniglot-lake", "glyphs"], default=None)
-    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--data-dir", type=_nonempty("directory"), default=None)
     ev.add_argument("--split", default=None, help="split to test on (default: the test split)")
-    ev.add_argument("--tasks", type=_positive(int), default=600)
-    ev.add_argument("--eval-queries", type=_positive(int), default=None)
+    ev.add_argument("--tasks", type=number(int), default=600)
+    ev.add_argument("--eval-queries", type=number(int), default=None)
     ev.add_argument("--modes", default="prox,gd", help="comma-separated: prox,gd")
     ev.add_argument(
         "--lake-runs",
@@ -238,36 +278,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="also Lake et al.'s 20 one-shot runs (20-way 1-shot models)",
     )
     ev.add_argument("--device", default=None)
-    ev.add_argument("--threads", type=_positive(int), default=None)
+    ev.add_argument("--threads", type=number(int), default=None)
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 
 
+def check_flag_ranges(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, naming the flag, any numeric flag outside :data:`FLAG_RANGES` (exit status 2)."""
+    given = {
+        flag: getattr(args, flag[2:].replace("-", "_"))
+        for flag in FLAG_RANGES
+        if hasattr(args, flag[2:].replace("-", "_"))
+    }
+    errors = range_errors(given, FLAG_RANGES)
+    if errors:
+        parser.error("; ".join(errors))
+
+
 def _validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
+    """The merged configuration (preset, saved run and flags): ranges and combinations."""
+
     def fail(msg: str) -> None:
         parser.error(msg)
 
-    for name in (
-        "ways",
-        "shots",
-        "queries",
-        "eval_queries",
-        "meta_batch",
-        "steps",
-        "cg_steps",
-        "val_tasks",
-        "eval_batch",
-        "log_every",
-    ):
-        if getattr(cfg, name) < (0 if name == "cg_steps" else 1):
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.inner_steps < 0:
-        fail(f"--inner-steps must be >= 0, got {cfg.inner_steps}")
-    for name in ("meta_lr", "inner_lr", "lam"):
-        if not getattr(cfg, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.cg_ridge < 0:
-        fail(f"--cg-ridge must be >= 0, got {cfg.cg_ridge}")
+    errors = cfg.range_errors()
+    if errors:
+        fail("; ".join(errors))
     if cfg.method not in ("imaml", "maml", "fomaml"):
         fail(f"--method must be imaml, maml or fomaml, got {cfg.method!r}")
     if cfg.inner not in ("gd", "newton-cg"):
@@ -292,21 +328,14 @@ def _validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
             fail(f"--device {cfg.device}: CUDA is not available in this torch build")
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+def requested_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a ``train`` command asks for: its preset's, then the flags given."""
     values: dict[str, Any] = {}
     if args.preset is not None:
         values.update(PRESETS[args.preset])
-    elif args.dataset is None and not args.resume:
-        parser.error("train: give --preset NAME or at least --dataset")
-    for flag, name in (
-        ("dataset", "dataset"),
-        ("data_dir", "data_dir"),
-        ("steps", "steps"),
-        ("seed", "seed"),
-        ("device", "device"),
-    ):
-        if getattr(args, flag) is not None:
-            values[name] = getattr(args, flag)
+    for name in ("dataset", "data_dir", "steps", "seed", "device"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
     for flag, name, _kind, _text in _OVERRIDES:
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is not None:
@@ -315,36 +344,78 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         v = getattr(args, flag.replace("-", "_"))
         if v is not None:
             values[name] = v
-    return Config.from_dict({**Config().to_dict(), **values})
+    return values
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    if args.preset is None and args.dataset is None:
+        parser.error("train: give --preset NAME or at least --dataset")
+    return Config.from_dict({**Config().to_dict(), **requested_values(args)})
+
+
+def resume_config(saved: Config, requested: Mapping[str, Any]) -> tuple[Config, list[str]]:
+    """The configuration of a resumed run: the saved one, with the harmless changes applied.
+
+    Args:
+        saved: the configuration in the checkpoint.
+        requested: the settings the command line asks for (preset and flags).
+
+    Returns:
+        The configuration to continue with, and one line per change applied.
+
+    Raises:
+        ValueError: a requested setting differs from the saved run and would change the
+            meta-gradient (another preset, learning rate, seed, ...); the message lists them all.
+    """
+    cfg = Config.from_dict(saved.to_dict())
+    applied, refused = [], []
+    for name, value in requested.items():
+        old = getattr(saved, name)
+        if value == old:
+            continue
+        flag = "--" + name.replace("_", "-")
+        allowed = name in RESUME_MAY_CHANGE and (name != "steps" or saved.lr_schedule == "constant")
+        if allowed:
+            setattr(cfg, name, value)
+            applied.append(f"{flag} {old!r} -> {value!r} ({RESUME_MAY_CHANGE[name]})")
+        else:
+            why = " (the cosine learning-rate schedule depends on it)" if name == "steps" else ""
+            refused.append(f"{flag}: saved {old!r}, requested {value!r}{why}")
+    if refused:
+        raise ValueError(
+            "these settings differ from the saved run and would change its meta-gradient: "
+            + "; ".join(refused)
+            + ". Drop them to continue the run as saved, or start a new run (another --out-dir, "
+            "or --overwrite)"
+        )
+    return cfg, applied
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .trainer import load_checkpoint, train
+    from .trainer import config_from_checkpoint, load_checkpoint, train
 
     out_dir = args.out_dir or f"runs/{args.preset or 'run'}"
     if args.resume:
         ckpt = Path(out_dir) / "checkpoint.pt"
         if not ckpt.is_file():
             parser.error(f"--resume: no checkpoint at {ckpt}")
-        saved = Config.from_dict(load_checkpoint(ckpt)["config"])
-        # The saved configuration wins; only run-length / placement / execution flags may
-        # change (compiling computes the same meta-gradient, so a run can switch it on).
-        for flag, name in (
-            ("steps", "steps"),
-            ("time_limit", "time_limit"),
-            ("device", "device"),
-            ("threads", "threads"),
-            ("data_dir", "data_dir"),
-            ("compile", "compile"),
-        ):
-            if getattr(args, flag) is not None:
-                setattr(saved, name, getattr(args, flag))
-        cfg = saved
+        saved = config_from_checkpoint(load_checkpoint(ckpt), ckpt)
+        try:
+            cfg, applied = resume_config(saved, requested_values(args))
+        except ValueError as exc:
+            parser.error(f"--resume {out_dir}: {exc}")
+        for line in applied:
+            print(f"resume: {line}; allowed, it does not change the meta-gradient")
     else:
         cfg = config_from_args(args, parser)
     _validate(cfg, parser)
     summary = train(
-        cfg, out_dir, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress
+        cfg,
+        out_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
     )
     print(
         f"run directory: {out_dir}  ({summary['meta_steps']} meta-steps, "
@@ -356,21 +427,26 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
+    from .rundir import CHECKPOINT
     from .trainer import (
         TEST_SEED,
         build_learner,
+        config_from_checkpoint,
         describe_result,
         evaluate_learner,
         lake_runs_error,
         load_checkpoint,
         make_sampler,
+        restore_learner,
     )
 
     try:
         state = load_checkpoint(args.checkpoint)
     except FileNotFoundError as exc:
         parser.error(str(exc))
-    cfg = Config.from_dict(state["config"])
+    path = Path(args.checkpoint)
+    path = path / CHECKPOINT if path.is_dir() else path
+    cfg = config_from_checkpoint(state, path)
     for name in ("dataset", "data_dir", "eval_queries", "device", "threads"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -381,7 +457,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if bad or not modes:
         parser.error(f"--modes must be a comma-separated subset of prox,gd; got {args.modes!r}")
     learner = build_learner(cfg)
-    learner.load_state_dict(state["learner"])
+    restore_learner(learner, state, path)
     split = args.split or ("evaluation" if cfg.dataset == "omniglot-lake" else "test")
     sampler = make_sampler(cfg, split, queries=cfg.eval_queries, seed=TEST_SEED)
     lake = None
@@ -414,11 +490,24 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad flags exit with status 2, unusable files or directories with 1.
+
+    A file or directory problem (a damaged checkpoint or archive, a run directory in use or
+    already holding a run, a full disk) is reported as one line naming it and the fix.
+    """
+    from ._cache import DataFileError
+    from .rundir import RunError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return _train(args, parser)
-    return _evaluate(args, parser)
+    check_flag_ranges(args, parser)
+    try:
+        if args.command == "train":
+            return _train(args, parser)
+        return _evaluate(args, parser)
+    except (RunError, DataFileError) as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
