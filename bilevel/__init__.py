@@ -10,7 +10,7 @@ from .implicit import (
     root_jvp,
     root_vjp,
 )
-from .linear import CG, GMRES, Dense, LinearSolver, Neumann, NormalCG, SciPy, SolveInfo
+from .linear import CG, GMRES, MINRES, Dense, LinearSolver, Neumann, NormalCG, SciPy, SolveInfo
 from .optimality import (
     fixed_point,
     projected_gradient,
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CG",
     "GMRES",
+    "MINRES",
     "ConvergenceError",
     "ConvergenceWarning",
     "Dense",

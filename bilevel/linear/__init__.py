@@ -4,6 +4,7 @@ from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
 from .cg import CG
 from .dense import Dense
 from .gmres import GMRES
+from .minres import MINRES
 from .neumann import Neumann
 from .normal_cg import NormalCG
 from .scipy_bridge import SciPy
@@ -11,6 +12,7 @@ from .scipy_bridge import SciPy
 __all__ = [
     "CG",
     "GMRES",
+    "MINRES",
     "Dense",
     "LinearProblem",
     "LinearSolver",
