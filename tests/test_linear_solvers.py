@@ -93,6 +93,8 @@ SOLVERS: dict[str, Callable[[Operator, torch.dtype], bl.LinearSolver]] = {
     "neumann": lambda op, dt: bl.Neumann(steps=80, alpha=2.0 / (op.lam_min + op.lam_max)),
     "gmres": lambda op, dt: bl.GMRES(tol=_tol(dt), maxiter=200, restart=8),
     "gmres_fixed": lambda op, dt: bl.GMRES(tol=0, maxiter=40, restart=8),
+    "minres": lambda op, dt: bl.MINRES(tol=_tol(dt), maxiter=200),
+    "minres_fixed": lambda op, dt: bl.MINRES(tol=0, maxiter=40),
     "normal_cg": lambda op, dt: bl.NormalCG(tol=_tol(dt) / 10, maxiter=200),
     "dense_lu": lambda op, dt: bl.Dense(),
     "dense_cholesky": lambda op, dt: bl.Dense(positive_definite=True),
