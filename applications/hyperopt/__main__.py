@@ -9,7 +9,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._flags import Range, number, range_errors
 from . import EXAMPLES
+
+#: Allowed range of every numeric flag, checked right after parsing. Seeds must be accepted by
+#: every random generator the examples use (NumPy, torch, scikit-learn's ``random_state``).
+RANGES: dict[str, Range] = {"--seed": Range(0, 2**32 - 1)}
+
+
+def _directory(text: str) -> Path:
+    """``--out-dir``: a non-empty path (``''`` would silently mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (give a directory)")
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("name", choices=[*EXAMPLES, "all"], help="which example to run")
     parser.add_argument(
         "--out-dir",
-        type=Path,
+        type=_directory,
         default=None,
         help="output directory (default: runs/hyperopt/<name>)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=number(int),
+        default=0,
+        help=f"seed of the data split, {RANGES['--seed'].text()} (default 0)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="a small configuration that runs in seconds"
     )
@@ -41,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one example (or all of them) and print its results table."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = range_errors({"--seed": args.seed}, RANGES)
+    if errors:
+        parser.error("; ".join(errors))
     names = list(EXAMPLES) if args.name == "all" else [args.name]
     for name in names:
         config_cls, run, description = EXAMPLES[name]

@@ -35,6 +35,7 @@ import re
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import Tensor
 from ._cache import (
     CACHE_ENV,
     OFFLINE_ENV,
+    DataFileError,
     atomic_write,
     cache_root,
     default_workers,
@@ -114,10 +116,63 @@ def decode_png(data: bytes, image_size: int = 28) -> np.ndarray:
     return 255 - np.asarray(grey, dtype=np.uint8)
 
 
+def _fix(source: Path) -> str:
+    """How to repair a damaged archive or folder: fetch it again (the canonical URL if known)."""
+    if source.is_file():
+        url = OMNIGLOT_URLS.get(source.stem)
+        where = f" from {url}" if url else ""
+        return f"download {source.name} again{where}, or delete it to let the loader download it"
+    return f"extract the archive into {source} again"
+
+
+def _open_zip(source: Path) -> zipfile.ZipFile | None:
+    """The archive ``source`` opened for reading (``None`` for a folder), or one clear error.
+
+    A truncated download or a file that is not a zip raises :class:`DataFileError` naming it,
+    instead of ``BadZipFile: File is not a zip file`` from deep inside the loader.
+    """
+    if not source.is_file():
+        return None
+    try:
+        return zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise DataFileError(
+            f"{source} is not a readable zip archive ({err}; truncated or damaged); {_fix(source)}"
+        ) from None
+
+
+_MEMBER_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    OSError,
+    EOFError,
+    KeyError,
+    ValueError,
+    SyntaxError,
+)
+
+
 def _read_member(source: Path, zf: zipfile.ZipFile | None, name: str) -> bytes:
-    if zf is not None:
-        return zf.read(name)
-    return (source / name).read_bytes()
+    try:
+        if zf is not None:
+            return zf.read(name)
+        return (source / name).read_bytes()
+    except _MEMBER_ERRORS as err:  # a bad CRC-32, a broken deflate stream, an unreadable file
+        raise DataFileError(
+            f"{source}: member {name} is damaged ({type(err).__name__}: {err}); {_fix(source)}"
+        ) from None
+
+
+def _decode_member(source: Path, zf: zipfile.ZipFile | None, name: str, size: int) -> np.ndarray:
+    """One image of ``source`` decoded, or a :class:`DataFileError` naming the member."""
+    data = _read_member(source, zf, name)
+    try:
+        return decode_png(data, size)
+    except _MEMBER_ERRORS as err:  # PIL: UnidentifiedImageError (an OSError), truncated PNGs
+        raise DataFileError(
+            f"{source}: member {name} is not a readable PNG image ({type(err).__name__}: {err}); "
+            f"{_fix(source)}"
+        ) from None
 
 
 def _decode_chunk(args: tuple[str, list[str], int]) -> np.ndarray:
@@ -125,10 +180,10 @@ def _decode_chunk(args: tuple[str, list[str], int]) -> np.ndarray:
     source_str, names, size = args
     source = Path(source_str)
     out = np.empty((len(names), size, size), dtype=np.uint8)
-    zf = zipfile.ZipFile(source) if source.is_file() else None
+    zf = _open_zip(source)
     try:
         for i, name in enumerate(names):
-            out[i] = decode_png(_read_member(source, zf, name), size)
+            out[i] = _decode_member(source, zf, name, size)
     finally:
         if zf is not None:
             zf.close()
@@ -263,8 +318,9 @@ class _Character:
 
 def _members(source: Path) -> list[tuple[str, int, int]]:
     """``(name, file size, crc)`` of every file in a zip or below a folder."""
-    if source.is_file():
-        with zipfile.ZipFile(source) as zf:
+    zf = _open_zip(source)
+    if zf is not None:
+        with zf:
             return [(i.filename, i.file_size, i.CRC) for i in zf.infolist() if not i.is_dir()]
     out = []
     for root, _, files in os.walk(source):
@@ -414,9 +470,10 @@ def load_omniglot_archive(
         counts = {len(c.members) for c in chars}
         if len(counts) != 1:
             bad = next(c for c in chars if len(c.members) != len(chars[0].members))
-            raise ValueError(
+            raise DataFileError(
                 f"characters in {source} have different numbers of drawings {sorted(counts)} "
-                f"(e.g. {bad.alphabet}/{bad.character}: {len(bad.members)}); damaged archive?"
+                f"(e.g. {bad.alphabet}/{bad.character}: {len(bad.members)}); the archive is "
+                f"incomplete: {_fix(source)}"
             )
         per_char = counts.pop()
         names = [n for c in chars for n in c.members]
@@ -562,16 +619,16 @@ def load_one_shot_runs(
     source = locate_omniglot((_RUNS,), data_dir=data_dir, cache_dir=cache_dir, download=download)[
         _RUNS
     ]
-    zf = zipfile.ZipFile(source) if source.is_file() else None
+    names = [m[0] for m in _members(source)]
+    zf = _open_zip(source)
     try:
-        names = [m[0] for m in _members(source)]
         runs = []
         for label_file in sorted(n for n in names if _RUN_LABEL.search(n)):
             match = _RUN_LABEL.search(label_file)
             assert match is not None
             run = int(match.group(1))
             prefix = label_file[: -len("class_labels.txt")]
-            text = _read_member(source, zf, label_file).decode()
+            text = _read_member(source, zf, label_file).decode(errors="replace")
             pairs = [line.split() for line in text.splitlines() if line.strip()]
             labels = {}
             for pair in pairs:
@@ -590,9 +647,7 @@ def load_one_shot_runs(
                 raise ValueError(f"{label_file}: items/classes are not numbered 1..{n}")
 
             def decode(members: list[str]) -> Tensor:
-                arr = np.stack(
-                    [decode_png(_read_member(source, zf, m), image_size) for m in members]
-                )
+                arr = np.stack([_decode_member(source, zf, m, image_size) for m in members])
                 return torch.from_numpy(arr).unsqueeze(1).float().div_(255.0)
 
             runs.append(
