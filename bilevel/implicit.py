@@ -18,9 +18,13 @@ inner solver's iterations are never recorded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import os
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -36,6 +40,7 @@ from .tree import (
     tree_flatten,
     tree_leaves,
     tree_map,
+    tree_norm,
     tree_unflatten,
     tree_zeros_like,
 )
@@ -51,6 +56,53 @@ __all__ = [
 
 OnFailure = Literal["warn", "raise", "ignore"]
 _ON_FAILURE = ("warn", "raise", "ignore")
+
+# Frames in these directories are not the user's: a warning is attributed to the first frame
+# outside them (the line calling .backward(), torch.func.grad(...)(...), or the solver).
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the user's line, not to torch or bilevel internals."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+class _Lazy:
+    """A linear operator built on first use: the transpose most solvers never ask for."""
+
+    def __init__(self, build: Callable[[], Callable[[Tree], Tree]]) -> None:
+        self.build: Callable[[], Callable[[Tree], Tree]] | None = build
+        self.fn: Callable[[Tree], Tree] | None = None
+
+    def __call__(self, v: Tree) -> Tree:
+        if self.fn is None:
+            assert self.build is not None
+            self.fn, self.build = self.build(), None
+        return self.fn(v)
+
+
+@contextlib.contextmanager
+def _explain_mutation(what: str) -> Iterator[None]:
+    """Turn functorch's in-place error (BatchNorm running statistics) into an actionable one."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "mutate a captured Tensor" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{what} updates a tensor in place while torch.func differentiates it — typically "
+            "a BatchNorm module with running statistics (track_running_stats=True) in train "
+            "mode. Inside an inner problem the batch statistics are what the optimality "
+            "condition uses, so the running averages have no meaning there: build the module "
+            "with track_running_stats=False, or call "
+            "torch.func.replace_all_batch_norm_modules_(model) once, or pass the buffers to "
+            "torch.func.functional_call explicitly. (Outside torch.func transforms, plain "
+            "autograd is used and the buffers are updated as in a forward pass.) "
+            f"Original error: {error}"
+        ) from error
 
 
 # --- low-level rules --------------------------------------------------------------------
@@ -104,23 +156,36 @@ def _root_vjp(
     cotangent: Tree,
     solver: LinearSolver,
     diff_indices: Sequence[int],
+    symmetric: bool = False,
+    unused: list[int] | None = None,
 ) -> tuple[list[Tree], SolveInfo]:
+    """``−Bᵀu`` per differentiated argument, with ``Aᵀu = cotangent``.
+
+    ``unused``, when given, receives the differentiated arguments that provably do not enter
+    ``F`` (known for free on the eager path, from autograd's unused inputs).
+    """
     if not torch.is_grad_enabled() and not any_wrapped((x_star, args, cotangent)):
-        return _root_vjp_eager(optimality_fn, x_star, args, cotangent, solver, diff_indices)
+        return _root_vjp_eager(
+            optimality_fn, x_star, args, cotangent, solver, diff_indices, symmetric, unused
+        )
     fx = _checked(optimality_fn, x_star, args)
-    _, vjp_x = torch.func.vjp(fx, x_star)  # the linearisation, built once per solve
+    with _explain_mutation("optimality_fn"):
+        _, vjp_x = torch.func.vjp(fx, x_star)  # the linearisation, built once per solve
 
     def rmatvec(u: Tree) -> Tree:  # Aᵀu
         return vjp_x(u)[0]
 
-    u, info = solver(rmatvec, cotangent)
+    # The solve is Aᵀu = v: its operator's transpose is A itself (for NormalCG).
+    transpose = rmatvec if symmetric else _Lazy(lambda: _jvp_operator(fx, [x_star]))
+    u, info = solver(rmatvec, cotangent, rmatvec=transpose)
     if not diff_indices:
         return [], info
 
     def f_args(*diff_args: Any) -> Tree:
         return optimality_fn(x_star, *_substitute(args, diff_indices, diff_args))
 
-    _, vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff_indices))
+    with _explain_mutation("optimality_fn"):
+        _, vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff_indices))
     neg_bt_u = vjp_args(tree_map(torch.neg, u))  # −Bᵀu
     return list(neg_bt_u), info
 
@@ -132,6 +197,8 @@ def _root_vjp_eager(
     cotangent: Tree,
     solver: LinearSolver,
     diff_indices: Sequence[int],
+    symmetric: bool,
+    unused: list[int] | None,
 ) -> tuple[list[Tree], SolveInfo]:
     """:func:`_root_vjp` outside ``torch.func`` transforms and without ``create_graph``.
 
@@ -151,7 +218,9 @@ def _root_vjp_eager(
     out_leaves = tree_leaves(out)
     live = [i for i, t in enumerate(out_leaves) if t.requires_grad]  # the rest are constant
 
-    def pull_back(u: Tree, inputs: list[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+    def pull_back(
+        u: Tree, inputs: list[torch.Tensor], retain: bool, missing: list[bool] | None = None
+    ) -> list[torch.Tensor]:
         u_leaves = tree_leaves(u)
         grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
         if live and inputs:
@@ -162,6 +231,8 @@ def _root_vjp_eager(
                 retain_graph=retain,
                 allow_unused=True,
             )
+        if missing is not None:
+            missing.extend(g is None for g in grads)
         return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
 
     def rmatvec(u: Tree) -> Tree:  # Aᵀu
@@ -172,16 +243,25 @@ def _root_vjp_eager(
             return torch.zeros_like(x_leaves[0]) if g is None else g
         return tree_unflatten(pull_back(u, x_leaves, retain=True), x_spec)
 
+    def build_matvec() -> Callable[[Tree], Tree]:  # A v, for solvers that need Aᵀ's transpose
+        x_plain = tree_map(lambda t: t.detach(), x_star)
+        with _explain_mutation("optimality_fn"):
+            return _jvp_operator(lambda x: optimality_fn(x, *args), [x_plain])
+
     single = len(x_leaves) == 1 and x_spec.is_leaf() and live == [0]
-    u, info = solver(rmatvec, cotangent)
+    transpose = rmatvec if symmetric else _Lazy(build_matvec)
+    u, info = solver(rmatvec, cotangent, rmatvec=transpose)
     if not diff_indices:
         return [], info
     probe_leaves = tree_leaves(probes)
-    flat = pull_back(tree_map(torch.neg, u), probe_leaves, retain=False)  # −Bᵀu
+    missing: list[bool] = []
+    flat = pull_back(tree_map(torch.neg, u), probe_leaves, retain=False, missing=missing)  # −Bᵀu
     grads, pos = [], 0
-    for probe in probes:
+    for i, probe in zip(diff_indices, probes, strict=True):
         leaves, spec = tree_flatten(probe)
         grads.append(tree_unflatten(flat[pos : pos + len(leaves)], spec))
+        if unused is not None and missing and all(missing[pos : pos + len(leaves)]):
+            unused.append(i)
         pos += len(leaves)
     return grads, info
 
@@ -220,16 +300,15 @@ def _root_jvp(
 
     bt = _jvp_operator(f_args, [args[i] for i in indices])(*(tangents[i] for i in indices))
     fx = _checked(optimality_fn, x_star, args)
-    if symmetric:  # A = Aᵀ: a VJP through one reused graph is the cheapest product
+    with _explain_mutation("optimality_fn"):
         _, vjp_x = torch.func.vjp(fx, x_star)
 
-        def matvec(s: Tree) -> Tree:
-            return vjp_x(s)[0]
+    def vjp_matvec(s: Tree) -> Tree:  # Aᵀ s
+        return vjp_x(s)[0]
 
-    else:
-        matvec = _jvp_operator(fx, [x_star])
-
-    return solver(matvec, tree_map(torch.neg, bt))
+    # A = Aᵀ: a VJP through one reused graph is the cheapest product.
+    matvec = vjp_matvec if symmetric else _jvp_operator(fx, [x_star])
+    return solver(matvec, tree_map(torch.neg, bt), rmatvec=vjp_matvec)
 
 
 def _resolve_solver(solver: LinearSolver | None, symmetric: bool) -> LinearSolver:
@@ -271,13 +350,15 @@ def root_vjp(
     check_float_tree(x_star, name="x_star")
     check_same_structure(x_star, cotangent, reference_name="x_star", other_name="cotangent")
     diff = _diff_indices(args, argnums)
+    symmetric = is_symmetric(optimality_fn)
     grads, _ = _root_vjp(
         optimality_fn,
         x_star,
         args,
         cotangent,
-        _resolve_solver(solver, is_symmetric(optimality_fn)),
+        _resolve_solver(solver, symmetric),
         diff,
+        symmetric,
     )
     out: list[Tree | None] = [None] * len(args)
     for i, g in zip(diff, grads, strict=True):
@@ -316,9 +397,23 @@ def root_jvp(
 def _diff_indices(args: Sequence[Any], argnums: int | Sequence[int] | None) -> list[int]:
     if argnums is None:
         return [i for i, a in enumerate(args) if _is_float_tree(a)]
+    if (
+        isinstance(argnums, bool)
+        or not isinstance(argnums, int | Sequence)
+        or isinstance(argnums, str | bytes)
+    ):
+        raise TypeError(
+            f"argnums must be an int or a sequence of ints (positions in args, after x0), "
+            f"got {type(argnums).__name__} {argnums!r}"
+        )
     nums = [argnums] if isinstance(argnums, int) else list(argnums)
     for i in nums:
-        if isinstance(i, bool) or not isinstance(i, int) or not -len(args) <= i < len(args):
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(
+                f"argnums must be an int or a sequence of ints, got an entry "
+                f"{type(i).__name__} {i!r}"
+            )
+        if not -len(args) <= i < len(args):
             raise ValueError(f"argnums entry {i!r} is out of range for {len(args)} argument(s)")
         if not _is_float_tree(args[i]):
             raise TypeError(
@@ -361,8 +456,18 @@ class _ImplicitRoot(torch.autograd.Function):
                     f"{type(out).__name__}"
                 )
             out, call.aux = out
-        check_float_tree(out, name="the inner solver's output x")
+        try:
+            check_float_tree(out, name="the inner solver's output x")
+        except TypeError as error:
+            if isinstance(out, tuple) and len(out) == 2 and not call.owner.has_aux:
+                raise TypeError(
+                    f"{error}. The inner solver returned a pair: if it is (x, aux), decorate "
+                    "with has_aux=True (custom_root(..., has_aux=True)) so that aux is passed "
+                    "through undifferentiated."
+                ) from error
+            raise
         x_leaves, call.x_spec = tree_flatten(out)
+        call.owner._check_root(out, args)
         return tuple(t.detach() for t in x_leaves)
 
     @staticmethod
@@ -396,8 +501,19 @@ class _ImplicitRoot(torch.autograd.Function):
         needs = ctx.needs_input_grad[1 + call.n_x0 :]
         diff = _requested_args(owner, args, needs, call)
         cotangent = tree_unflatten(list(cotangents), call.x_spec)
-        grads, info = _root_vjp(owner.optimality_fn, x_star, args, cotangent, owner.solver, diff)
-        owner._report(info, x_star, args, diff, cotangent)
+        unused: list[int] = []
+        grads, info = _root_vjp(
+            owner.optimality_fn,
+            x_star,
+            args,
+            cotangent,
+            owner.solver,
+            diff,
+            owner.symmetric,
+            unused,
+        )
+        owner._report(info, "backward")
+        owner._warn_unused(unused)
         per_arg: list[Tree | None] = [None] * len(args)
         for i, g in zip(diff, grads, strict=True):
             per_arg[i] = g
@@ -427,7 +543,7 @@ class _ImplicitRoot(torch.autograd.Function):
             owner.optimality_fn, x_star, args, tangents, owner.solver, owner.symmetric
         )
         if info is not None:
-            owner._report(info, x_star, args, [], None)
+            owner._report(info, "forward-mode")
         return tuple(tree_leaves(s))
 
 
@@ -479,6 +595,7 @@ class ImplicitFunction:
         argnums: int | Sequence[int] | None,
         on_failure: OnFailure,
         callback: Callable[[SolveInfo], None] | None,
+        root_tol: float | None = None,
     ) -> None:
         if not callable(inner_solver):
             raise TypeError(f"inner_solver must be callable, got {type(inner_solver).__name__}")
@@ -491,6 +608,14 @@ class ImplicitFunction:
             raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable(SolveInfo), got {type(callback).__name__}")
+        if root_tol is not None:
+            if isinstance(root_tol, bool) or not isinstance(root_tol, int | float):
+                raise TypeError(
+                    f"root_tol must be a real number or None, got {type(root_tol).__name__}"
+                )
+            if not (root_tol >= 0 and math.isfinite(root_tol)):
+                raise ValueError(f"root_tol must be finite and >= 0, got {root_tol!r}")
+        self.root_tol = None if root_tol is None else float(root_tol)
         self.__wrapped__ = inner_solver
         self.optimality_fn = optimality_fn
         self.symmetric = is_symmetric(optimality_fn) if symmetric is None else bool(symmetric)
@@ -524,75 +649,129 @@ class ImplicitFunction:
 
     # -- diagnostics ------------------------------------------------------------------------
 
-    def _report(
-        self,
-        info: SolveInfo,
-        x_star: Tree,
-        args: Sequence[Any],
-        diff: Sequence[int],
-        cotangent: Tree | None,
-    ) -> None:
-        if any_batched(tree_leaves(info.residual_norm)):
+    @property
+    def _name(self) -> str:
+        return getattr(self.__wrapped__, "__name__", "inner_solver")
+
+    def _fail(self, message: str, info: SolveInfo | None) -> None:
+        """Apply ``on_failure`` to a diagnosed problem."""
+        if self.on_failure == "ignore":
+            return
+        if self.on_failure == "raise":
+            raise ConvergenceError(message, info)
+        _warn(message, ConvergenceWarning)
+
+    def _check_root(self, x_star: Tree, args: Sequence[Any]) -> None:
+        """After the inner solve: x* finite, and ``‖F(x*, args)‖ ≤ root_tol`` when set.
+
+        One host sync (skipped under ``vmap``, where nothing can be read on the host). The
+        implicit function theorem differentiates the *root*: at a point that is not one the
+        gradient is wrong by about ``‖A⁻¹‖·‖F‖``, with no other sign of trouble.
+        """
+        if any_batched((x_star, args)):
+            return
+        leaves = tree_leaves(x_star)
+        if not all(bool(torch.isfinite(t).all()) for t in leaves):
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in leaves)
+            self._fail(
+                f"{self._name} returned a non-finite inner solution ({bad} NaN/Inf entries), so "
+                "its implicit gradient is meaningless: the inner solve diverged — lower its "
+                "step size, clip its updates, or check its inputs.",
+                None,
+            )
+            return
+        if self.root_tol is None:
+            return
+        # x requires grad so that stationarity() takes its plain-autograd path (no torch.func
+        # transform, so modules with running statistics still work).
+        x = tree_map(lambda t: t.detach().requires_grad_(True), x_star)
+        with torch.enable_grad(), _explain_mutation("optimality_fn"):
+            residual = float(tree_norm(tree_map(torch.detach, self.optimality_fn(x, *args))))
+        if residual <= self.root_tol:
+            return
+        self._fail(
+            f"{self._name} returned a point that is not a root of optimality_fn: "
+            f"‖F(x*, args)‖ = {residual:.3g} > root_tol = {self.root_tol:.3g}. The implicit "
+            "gradient assumes F(x*) = 0 and is off by about ‖(∂F/∂x)⁻¹‖·‖F‖: run the inner "
+            "solver longer or with a tighter tolerance, or raise root_tol if this accuracy is "
+            "enough.",
+            None,
+        )
+
+    def _report(self, info: SolveInfo, direction: str) -> None:
+        """Record the solve's info and apply the failure policy (one host sync at the end)."""
+        if any_batched(tree_leaves((info.residual_norm, dict(info.stats)))):
             return  # under vmap: batched diagnostics cannot outlive the transform
         self.latest_info = info
         if self.callback is not None:
             self.callback(info)
-        if diff and not self._dependence_checked and not any_wrapped((x_star, args)):
-            self._dependence_checked = True
-            self._warn_unused_args(x_star, args, diff)
-        if not info.failed or self.on_failure == "ignore":
+        if self.on_failure == "ignore" or not info.failed:
             return
-        message = (
-            f"implicit differentiation of {getattr(self.__wrapped__, '__name__', 'inner_solver')}: "
-            f"the linear solve {self.solver!r} stopped with reason={info.reason!r} after "
-            f"{info.iterations} iterations (residual {info.residual_norm:.3g}). The gradient is "
-            "only as accurate as that residual; raise maxiter, loosen tol, add ridge=, or pass "
-            "on_failure='ignore'."
+        outcome = info.outcome
+        residual = float(info.residual_norm)
+        head = (
+            f"implicit differentiation of {self._name} ({direction} linear solve, "
+            f"{self.solver!r}): "
         )
-        if info.reason == "breakdown":
-            message += (
-                " A CG breakdown means ∂F/∂x is not positive definite at the inner solution "
-                "(e.g. a saddle point or an unconverged inner solve): damp with ridge=, or use "
-                "bl.GMRES / bl.SciPy('minres')."
+        if outcome == "nonfinite_input":
+            message = head + (
+                "the cotangent reaching x* holds NaN/Inf, so the gradient is NaN. It comes "
+                "from the outer loss or from a layer applied to x* after this solve, not from "
+                "the linear solve: check the outer loss at x* (e.g. log of 0, division by 0)."
             )
-        if self.on_failure == "raise":
-            raise ConvergenceError(message, info)
-        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        elif outcome == "nonfinite":
+            message = head + (
+                f"NaN/Inf appeared during the solve after {info.iterations} iterations: ∂F/∂x "
+                "at the inner solution produced non-finite products (an overflowing or "
+                "non-finite inner solution?). The gradient is not trustworthy."
+            )
+        elif outcome == "diverged":
+            message = head + (
+                f"the fixed-K solve diverged (final residual "
+                f"{float(info.stats['final_residual_norm']):.3g} above ‖b‖), so x = 0 was used "
+                "and the implicit term of the gradient is zero. For Neumann lower alpha (or "
+                "leave alpha=None to estimate it); for indefinite ∂F/∂x use bl.MINRES or add "
+                "ridge=."
+            )
+        elif outcome == "breakdown" and info.fixed:
+            message = head + (
+                f"the fixed-K solve broke down in {int(info.stats['breakdowns'])} of "
+                f"{info.iterations} iterations (e.g. a singular or not positive definite "
+                f"∂F/∂x); the best iterate (residual {residual:.3g}) was used. Use bl.MINRES "
+                "for symmetric indefinite systems, bl.GMRES otherwise, or add ridge=."
+            )
+        else:
+            message = head + (
+                f"stopped with reason={info.reason!r} after {info.iterations} iterations "
+                f"(residual {residual:.3g}). The gradient is only as accurate as that "
+                "residual; raise maxiter, loosen tol, add ridge=, or pass on_failure='ignore'."
+            )
+            if info.reason == "breakdown":
+                message += (
+                    " A breakdown means ∂F/∂x is not positive definite (CG) or singular "
+                    "(Dense) at the inner solution (e.g. a saddle point or an unconverged "
+                    "inner solve): damp with ridge=, or use bl.MINRES / bl.GMRES."
+                )
+        self._fail(message, info)
 
-    def _warn_unused_args(self, x_star: Tree, args: Sequence[Any], diff: Sequence[int]) -> None:
-        """Warn when a differentiated argument does not enter ``F`` (its gradient is zero).
+    def _warn_unused(self, unused: Sequence[int]) -> None:
+        """Warn (once) when a differentiated argument does not enter ``F``.
 
         The classic porting bug: θ only initialises the inner solver (``x0``), so the
-        implicit gradient through ``F`` is identically zero.
+        implicit gradient through ``F`` is identically zero. Autograd reports such inputs
+        as unused in the backward pass, so this costs nothing and evaluates nothing.
         """
-        with torch.enable_grad():
-            probes = [tree_map(lambda t: t.detach().requires_grad_(True), args[i]) for i in diff]
-            x = tree_map(lambda t: t.detach(), x_star)
-            out = self.optimality_fn(x, *_substitute(args, diff, probes))
-            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-            for i, probe in zip(diff, probes, strict=True):
-                leaves = tree_leaves(probe)
-                used = bool(outs) and any(
-                    g is not None
-                    for g in torch.autograd.grad(
-                        outs,
-                        leaves,
-                        grad_outputs=[torch.ones_like(t) for t in outs],
-                        allow_unused=True,
-                        retain_graph=True,
-                    )
-                )
-                if not used:
-                    name = getattr(self.__wrapped__, "__name__", "the inner solver")
-                    warnings.warn(
-                        f"argument {i} of {name} "
-                        "is differentiated but does not enter optimality_fn, so its implicit "
-                        "gradient is zero. If it only sets the initial point, the optimality "
-                        "condition is missing its dependence on it (e.g. iMAML's proximal term "
-                        "λ(φ − θ)).",
-                        UserWarning,
-                        stacklevel=4,
-                    )
+        if not unused or self._dependence_checked:
+            return
+        self._dependence_checked = True
+        for i in unused:
+            _warn(
+                f"argument {i} of {self._name} is differentiated but does not enter "
+                "optimality_fn, so its implicit gradient is zero. If it only sets the initial "
+                "point, the optimality condition is missing its dependence on it (e.g. "
+                "iMAML's proximal term λ(φ − θ)).",
+                UserWarning,
+            )
 
 
 def _eager_grad(
@@ -626,6 +805,7 @@ def custom_root(
     symmetric: bool | None = None,
     on_failure: OnFailure = "warn",
     callback: Callable[[SolveInfo], None] | None = None,
+    root_tol: float | None = None,
 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     r"""Decorate ``inner_solver(x0, *args) -> x*`` so that ``x*`` is differentiable in ``args``.
 
@@ -646,10 +826,17 @@ def custom_root(
         argnums: which ``args`` (0-based, after ``x0``) receive gradients; default every float
             tree. ``x0`` never receives one.
         symmetric: override ``F``'s own ``symmetric`` mark (``∂F/∂x = (∂F/∂x)ᵀ``).
-        on_failure: what a non-converged adaptive solve does: ``"warn"``
-            (:class:`~bilevel.ConvergenceWarning`), ``"raise"``
-            (:class:`~bilevel.ConvergenceError`) or ``"ignore"``. Fixed-K solves never fail.
-        callback: called with each backward/forward solve's :class:`~bilevel.SolveInfo`.
+        on_failure: what a failed linear solve, a non-finite inner solution or a missed root
+            does: ``"warn"`` ([`ConvergenceWarning`][bilevel.ConvergenceWarning]),
+            ``"raise"`` ([`ConvergenceError`][bilevel.ConvergenceError]) or ``"ignore"``.
+            Adaptive solves fail when they stop short of ``tol``; fixed-K solves when they
+            diverge, break down or meet NaN/Inf (running out of the budget is not a
+            failure). A NaN/Inf cotangent is reported too, and gives NaN gradients.
+        callback: called with each backward/forward solve's [`SolveInfo`][bilevel.SolveInfo].
+        root_tol: when set, the forward pass evaluates ``‖F(x*, args)‖`` once after the inner
+            solve and applies ``on_failure`` if it exceeds ``root_tol`` (an inner solver that
+            stalled, or returned a point that is not a root). The inner solution is always
+            checked for NaN/Inf (outside ``vmap``).
 
     Returns:
         A decorator producing an :class:`ImplicitFunction`.
@@ -670,6 +857,7 @@ def custom_root(
             argnums=argnums,
             on_failure=on_failure,
             callback=callback,
+            root_tol=root_tol,
         )
 
     return decorator
@@ -683,6 +871,7 @@ def custom_fixed_point(
     argnums: int | Sequence[int] | None = None,
     on_failure: OnFailure = "warn",
     callback: Callable[[SolveInfo], None] | None = None,
+    root_tol: float | None = None,
 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     r"""Like :func:`custom_root` for a fixed point ``x* = T(x*, *args)``.
 
@@ -696,6 +885,7 @@ def custom_fixed_point(
         argnums=argnums,
         on_failure=on_failure,
         callback=callback,
+        root_tol=root_tol,
     )
 
 
@@ -744,6 +934,7 @@ def implicit_grad(
                 argnums=None,
                 on_failure=inner_solver.on_failure,
                 callback=inner_solver.callback,
+                root_tol=inner_solver.root_tol,
             )
     elif optimality_fn is None:
         raise TypeError(

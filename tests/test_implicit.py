@@ -543,8 +543,11 @@ def test_non_finite_inner_solution_is_reported() -> None:
     solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=bl.CG(tol=1e-10))(
         lambda x0, *args: torch.full((3,), float("nan"), dtype=F64)
     )
-    with pytest.warns(bl.ConvergenceWarning, match="nonfinite"):
+    # Said at the forward pass, where it happens, and again by the backward solve.
+    with pytest.warns(bl.ConvergenceWarning) as record:
         _ridge_backward(solve, p)
+    messages = [str(w.message) for w in record]
+    assert any("non-finite inner solution" in m for m in messages), messages
     assert solve.latest_info.reason == "nonfinite"
 
 

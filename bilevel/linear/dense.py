@@ -70,10 +70,14 @@ class Dense(LinearSolver):
         if self.positive_definite:
             factor, status = torch.linalg.cholesky_ex(matrix)
             x = torch.cholesky_solve(b[:, None], factor)[:, 0]
-            pivots = torch.diagonal(factor).abs() ** 2
+            pivots = torch.diagonal(factor).detach().abs() ** 2
         else:
-            factor, permutation, status = torch.linalg.lu_factor_ex(matrix)
-            x = torch.linalg.lu_solve(factor, permutation, b[:, None])[:, 0]
+            x, status = torch.linalg.solve_ex(matrix, b)
+            # The pivots come from a second, undifferentiated factorisation: lu_solve's
+            # forward-mode rule is wrong under vmap in torch 2.13 (vmap(jacfwd) of a batch
+            # returns a wrong inverse for every element but the first), solve_ex's is right.
+            with torch.no_grad():
+                factor, _, _ = torch.linalg.lu_factor_ex(matrix.detach())
             pivots = torch.diagonal(factor).abs()
         rcond = pivots.min() / pivots.max().clamp_min(torch.finfo(b.dtype).tiny)
         threshold = n * torch.finfo(b.dtype).eps if self.rcond is None else self.rcond

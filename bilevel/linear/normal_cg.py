@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..tree import Tree, tree_norm, tree_sub, tree_zeros_like
+from ..tree import Tree, tree_dot, tree_norm, tree_sub, tree_zeros_like
 from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
 from .cg import CG
 
@@ -26,7 +26,12 @@ class NormalCG(LinearSolver):
     ``Aᵀ`` comes from ``rmatvec`` when given. Otherwise it is derived from the (linear)
     ``matvec`` by a vector-Jacobian product, ``torch.func.vjp`` of ``matvec`` at a zero tree,
     built once per solve and reused at every iteration; that needs a ``matvec`` made of
-    differentiable torch operations.
+    differentiable torch operations *that torch.func can see*. A ``matvec`` that calls
+    ``torch.autograd.grad`` on a graph recorded outside it is opaque to ``torch.func`` and
+    would transpose to zero, so a derived ``Aᵀ`` is verified once by the adjoint identity
+    ``⟨A b, b⟩ = ⟨b, Aᵀ b⟩`` (one extra ``matvec``); a mismatch raises (adaptive mode) or
+    counts as a breakdown (fixed-K). [`custom_root`][bilevel.custom_root] always passes
+    ``rmatvec``.
 
     Each iteration costs one ``matvec``, one ``rmatvec`` and three tree inner products; memory
     is four trees (plus the VJP's saved tensors when ``rmatvec`` is derived). The stopping
@@ -46,25 +51,46 @@ class NormalCG(LinearSolver):
     def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
         matvec, b = problem.matvec, problem.b
         rmatvec, extra_matvecs = problem.rmatvec, 1
+        mismatch: torch.Tensor | None = None
         if rmatvec is None:
-            rmatvec, extra_matvecs = _vjp_transpose(matvec, b), 2
+            rmatvec, extra_matvecs = _vjp_transpose(matvec, b), 3
+        rhs = rmatvec(b)
+        if problem.rmatvec is None:
+            mismatch = _adjoint_mismatch(matvec, b, rhs)
+            if not self.fixed_iterations and bool(mismatch):
+                raise TypeError(
+                    "NormalCG could not derive Aᵀ from matvec: torch.func.vjp of it fails the "
+                    "adjoint test ⟨A b, b⟩ = ⟨b, Aᵀ b⟩ (a matvec built on torch.autograd.grad "
+                    "of an outside graph is invisible to torch.func). Pass rmatvec= (u ↦ Aᵀu)."
+                )
 
         def normal(v: Tree) -> Tree:
             return rmatvec(matvec(v))
 
         cg = CG(tol=self.tol, atol=self.atol, maxiter=self.maxiter)
-        x, info = cg._solve(LinearProblem(normal, rmatvec(b), problem.x0, None))
+        x, info = cg._solve(LinearProblem(normal, rhs, problem.x0, None))
         residual = tree_norm(tree_sub(b, matvec(x)))
         if not self.fixed_iterations:
             residual = residual.item()
         cg_products = info.stats["matvecs"]
         stats: dict[str, Any] = dict(info.stats)
+        if mismatch is not None and self.fixed_iterations:
+            stats["breakdowns"] = stats["breakdowns"] + mismatch.to(torch.int64)
         stats.update(
             matvecs=cg_products + extra_matvecs,
             rmatvecs=cg_products + 1,
             normal_residual_norm=info.residual_norm,
         )
         return x, SolveInfo(info.converged, info.iterations, residual, info.reason, stats)
+
+
+def _adjoint_mismatch(matvec: Matvec, b: Tree, atb: Tree) -> torch.Tensor:
+    """0-d bool: ``⟨A b, b⟩`` and ``⟨b, Aᵀ b⟩`` disagree beyond rounding (sync-free)."""
+    ab = matvec(b)
+    lhs, rhs = tree_dot(ab, b), tree_dot(b, atb)
+    eps = torch.finfo(lhs.dtype).eps
+    scale = tree_norm(ab) * tree_norm(b) + tree_norm(atb) * tree_norm(b)
+    return (lhs - rhs).abs() > 1e3 * eps * scale
 
 
 def _vjp_transpose(matvec: Matvec, b: Tree) -> Matvec:
