@@ -24,8 +24,8 @@ class MINRES(LinearSolver):
     when the network Hessian ``H`` has eigenvalues below ``−λ``. The residual is the
     recurrence's ``|φ_k|``, no extra ``matvec``.
 
-    Each iteration costs one ``matvec``, two inner products, one norm and about five axpys;
-    memory is seven vectors of the flattened size (trees are raveled once per ``matvec``).
+    Each iteration costs one ``matvec``, one inner product, one norm and five axpys; memory
+    is seven vectors of the flattened size (trees are raveled once per ``matvec``).
 
     A Lanczos breakdown (``β_{k+1} ≈ 0``: the Krylov space is invariant) ends the iteration
     with the exact minimiser. It is lucky (residual 0) unless ``T_k`` is singular, i.e. the
@@ -76,10 +76,12 @@ class MINRES(LinearSolver):
             if not fixed and (r_norm <= threshold or invariant or not math.isfinite(r_norm)):
                 break
             p = op(v)
-            anorm = torch.maximum(anorm, torch.linalg.vector_norm(p).detach())
             alpha = torch.dot(v, p)
             p = p - alpha * v - beta * v_old
             beta_new = torch.linalg.vector_norm(p)
+            # ‖A v_k‖ = ‖(β_k, α_k, β_{k+1})‖ ≤ ‖A‖, from scalars already at hand.
+            column = torch.stack([beta, alpha, beta_new]).detach()
+            anorm = torch.maximum(anorm, torch.linalg.vector_norm(column))
             # Rounding leaves β_{k+1} ~ ε‖A‖ at an invariant space, never exactly 0.
             cutoff = 16 * eps * anorm
             ok = alive & (beta_new > cutoff)
