@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=number(int), default=None, help=argparse.SUPPRESS)
     tr.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     for flag, _field, kind, text in _OVERRIDES:
-        tr.add_argument(flag, type=number(kind), default=None, help=text)
+        tr.add_argument(flag, type=kind if kind is str else number(kind), default=None, help=text)
     for flag, _field, text in _BOOL_OVERRIDES:
         tr.add_argument(
             f"--{flag}", dest=flag.replace("-", "_"), action="store_true", default=None, help=text

@@ -288,17 +288,33 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
+        detail = _unpickler_detail(err)
+        if "Unsupported global" in detail:
             raise CheckpointError(
-                f"{path} holds objects other than tensors and plain data; refused without running "
-                "them (unpickling them could execute code). Only load checkpoints written by this "
-                "trainer; if you trust the file, re-save its tensors with torch.save"
+                f"{path} holds objects other than tensors and plain data ({detail}); refused "
+                "without running them (unpickling them could execute code). Only load checkpoints "
+                "written by this trainer; if you trust the file, re-save its tensors with "
+                "torch.save"
             ) from None
-        raise CheckpointError(f"{path} is damaged ({_first_line(err)}); {_FIX_DAMAGED}") from None
+        raise CheckpointError(
+            f"{path} is damaged ({detail}); refused without running it; {_FIX_DAMAGED}"
+        ) from None
     except Exception as err:  # a damaged archive: miniz, zip and EOF errors of all kinds
         raise CheckpointError(f"{path} is damaged ({_first_line(err)}); {_FIX_DAMAGED}") from None
     _check_layout(state, path)
     return state
+
+
+def _unpickler_detail(err: BaseException) -> str:
+    """The weights-only unpickler's own reason (``Unsupported global: GLOBAL exec ...``), shortened.
+
+    torch wraps it in a long message about ``weights_only``; the reason is the useful part.
+    """
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    tail = text[text.index(marker) + len(marker) :] if marker in text else text
+    reason = next((line.strip() for line in tail.splitlines() if line.strip()), "unreadable")
+    return reason.split(" was not an allowed global")[0]
 
 
 def _first_line(err: BaseException) -> str:
