@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from applications.imaml import rundir
+from applications.imaml import trainer as trainer_module
 from applications.imaml._cache import CACHE_ENV, OFFLINE_ENV, DataFileError
 from applications.imaml.cli import FLAG_RANGES, build_parser, main, resume_config
 from applications.imaml.rundir import (
@@ -551,12 +552,14 @@ def test_kill_during_a_checkpoint_write_leaves_nothing_that_breaks_the_resume(
     assert _same_params(load_checkpoint(out)["learner"]["params"], uninterrupted)
 
 
+@pytest.mark.parametrize("disk", ["patched writer", "/dev/full"])
 def test_disk_full_during_a_checkpoint_is_clear_and_keeps_the_previous_one(
     interrupted: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     uninterrupted: dict[str, torch.Tensor],
     capsys: pytest.CaptureFixture[str],
+    disk: str,
 ) -> None:
     run = _copy_run(interrupted, tmp_path / "run")
     before = (run / "checkpoint.pt").read_bytes()
@@ -565,7 +568,19 @@ def test_disk_full_during_a_checkpoint_is_clear_and_keeps_the_previous_one(
         f.write(b"PK\x03\x04 some bytes before the disk filled up")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    if disk == "/dev/full":  # the kernel's ENOSPC: the temporary file is a link to /dev/full
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full on this system")
+        temp = run / f".checkpoint.pt.{os.getpid()}.tmp"
+        real_claim = trainer_module._claim_run_dir
+
+        def claim_then_fill(out: Path, **kwargs: object) -> None:
+            real_claim(out, **kwargs)  # (it removes stale temporary files: link afterwards)
+            temp.symlink_to("/dev/full")
+
+        monkeypatch.setattr(trainer_module, "_claim_run_dir", claim_then_fill)
+    else:
+        monkeypatch.setattr(torch, "save", full_disk)
     assert main(["train", "--out-dir", str(run), "--resume", "--no-progress"]) == 1
     _one_error_line(
         capsys,

@@ -21,19 +21,24 @@ What this module guarantees (``docs/reliability.md`` says how each is tested):
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import pickle
 import re
 import shutil
 import stat
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked (documented in docs/reliability.md)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CHECKPOINT",
@@ -67,7 +72,9 @@ LOCK = ".lock"
 RUN_FILES = (CHECKPOINT, CONFIG, METRICS, RESULTS, CURVE)
 #: Version of the checkpoint layout written by :func:`save_checkpoint` and read back here.
 FORMAT_VERSION = 1
-_TEMP = re.compile(r"^\.(?:" + "|".join(re.escape(n) for n in RUN_FILES) + r")\.\d+\.tmp$")
+_TEMP = re.compile(
+    r"^\.(?:" + "|".join(re.escape(n) for n in (*RUN_FILES, "write-probe")) + r")\.\d+\.tmp$"
+)
 _FIX_DAMAGED = "restore it from a copy, or start the run again with --overwrite"
 
 
@@ -118,7 +125,8 @@ class RunLock:
                 f"{self.path.parent} writable or choose another --out-dir"
             ) from err
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
@@ -141,8 +149,6 @@ class RunLock:
 
 def _read_pid(fd: int) -> str:
     """The PID the lock's holder wrote (it may still be writing it: retry briefly)."""
-    import time
-
     for _ in range(20):
         text = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if text:
@@ -193,11 +199,14 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     """
     try:
         write_atomic(path, lambda f: torch.save(dict(payload), f))
-    except OSError as err:
-        cause = err.strerror or str(err)
-        hint = (
-            "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
-        )
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's writer reports some so
+        cause = getattr(err, "strerror", None) or _first_line(err)
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            hint = "free some space"
+        elif isinstance(err, OSError):
+            hint = "make it writable"
+        else:
+            hint = "free some space or make it writable"
         raise CheckpointWriteError(
             f"could not write the checkpoint {path}: {cause}; the previous checkpoint is intact. "
             f"To fix: {hint} in {path.parent}, then continue with --resume"

@@ -529,9 +529,13 @@ def _claim_run_dir(out: Path, *, resume: bool, overwrite: bool, log: Callable[[s
         return
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not overwrite:
+        again = (
+            "continue it with --resume, replace it with --overwrite"
+            if CHECKPOINT in held
+            else "it never reached a checkpoint, so replace it with --overwrite"
+        )
         raise RunExists(
-            f"{out} already holds a run ({', '.join(held)}); continue it with --resume, replace "
-            "it with --overwrite, or choose another --out-dir"
+            f"{out} already holds a run ({', '.join(held)}); {again}, or choose another --out-dir"
         )
     if held:
         preflight(out, 0)  # a write-protected checkpoint is kept, not deleted
