@@ -70,6 +70,11 @@ def _warn(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def _host(value: float | torch.Tensor) -> float:
+    """A diagnostic scalar on the host (detached: it may carry a torch.func grad level)."""
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
 class _Lazy:
     """A linear operator built on first use: the transpose most solvers never ask for."""
 
@@ -708,7 +713,7 @@ class ImplicitFunction:
         if self.on_failure == "ignore" or not info.failed:
             return
         outcome = info.outcome
-        residual = float(info.residual_norm)
+        residual = _host(info.residual_norm)
         head = (
             f"implicit differentiation of {self._name} ({direction} linear solve, "
             f"{self.solver!r}): "
@@ -721,14 +726,15 @@ class ImplicitFunction:
             )
         elif outcome == "nonfinite":
             message = head + (
-                f"NaN/Inf appeared during the solve after {info.iterations} iterations: ∂F/∂x "
-                "at the inner solution produced non-finite products (an overflowing or "
-                "non-finite inner solution?). The gradient is not trustworthy."
+                f"NaN/Inf appeared during the solve ({info.iterations} iterations): either the "
+                "iteration diverged (Neumann with too large an alpha — leave alpha=None to "
+                "estimate it; a singular ∂F/∂x — add ridge=) or the products with ∂F/∂x are "
+                "non-finite (a non-finite inner solution?). The gradient is not trustworthy."
             )
         elif outcome == "diverged":
             message = head + (
                 f"the fixed-K solve diverged (final residual "
-                f"{float(info.stats['final_residual_norm']):.3g} above ‖b‖), so x = 0 was used "
+                f"{_host(info.stats['final_residual_norm']):.3g} above ‖b‖), so x = 0 was used "
                 "and the implicit term of the gradient is zero. For Neumann lower alpha (or "
                 "leave alpha=None to estimate it); for indefinite ∂F/∂x use bl.MINRES or add "
                 "ridge=."

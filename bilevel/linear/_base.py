@@ -328,7 +328,8 @@ class LinearSolver(abc.ABC):
 def _guard_fixed(problem: LinearProblem, x: Tree, info: SolveInfo) -> tuple[Tree, SolveInfo]:
     """Fixed-K post-processing shared by every solver, sync-free and vmappable.
 
-    * diverged (final residual non-finite or above ``‖b‖``): return ``x = 0``, whose
+    * diverged (final residual non-finite or above ``‖b‖``, unless the solver gives its own
+      verdict in ``stats["diverged"]``, as CG does on SPD systems): return ``x = 0``, whose
       residual is exactly ``‖b‖`` — so the returned residual never exceeds ``‖b‖``, whatever
       ``A`` is (a divergent iterate would be worse than no solve at all);
     * non-finite ``b``: return NaN, so that the NaN reaches the caller's gradient.
@@ -339,10 +340,14 @@ def _guard_fixed(problem: LinearProblem, x: Tree, info: SolveInfo) -> tuple[Tree
     # made no progress (residual = ‖b‖ up to rounding) from being called diverged.
     slack = 1.0 + 16 * torch.finfo(b_norm.dtype).eps
     diverged = ~(residual <= b_norm * slack)
+    if "diverged" in info.stats:  # a solver whose residual may exceed ‖b‖ legitimately (CG)
+        own = torch.as_tensor(info.stats["diverged"], device=b_norm.device)
+        diverged = own | ~torch.isfinite(residual)
     finite_b = torch.isfinite(b_norm)
     x = tree_map(lambda t: torch.where(finite_b, torch.where(diverged, 0, t), math.nan), x)
     returned = torch.where(diverged, b_norm, residual)
     stats = dict(info.stats)
+    stats.pop("diverged", None)
     zero = torch.zeros((), dtype=torch.int64, device=b_norm.device)
     breakdowns = torch.as_tensor(stats.pop("breakdowns", zero), device=b_norm.device)
     # A solver that met NaN/Inf inside its iteration (and kept a finite earlier iterate)
@@ -355,7 +360,8 @@ def _guard_fixed(problem: LinearProblem, x: Tree, info: SolveInfo) -> tuple[Tree
         nonfinite=nonfinite | ~torch.isfinite(residual),
         final_residual_norm=residual,
     )
-    converged = finite_b & ~diverged & ~nonfinite
+    converged = torch.as_tensor(info.converged, device=b_norm.device)
+    converged = converged & finite_b & ~diverged & ~nonfinite
     return x, SolveInfo(converged, info.iterations, returned, "fixed_iterations", stats)
 
 

@@ -143,8 +143,11 @@ class CG(LinearSolver):
         #   structure and can grow x without bound) and counted;
         # * a vanishing pivot |pᵀAp| ≤ ε‖p‖‖Ap‖ with r ≠ 0, or a non-finite value, is a
         #   breakdown: the iterate is frozen there;
-        # * the iterate with the smallest residual norm seen is returned (initially x₀ with
-        #   ‖r₀‖, so the result never has a residual above the start's).
+        # * what is returned: while every curvature was positive, the last iterate — on an SPD
+        #   A it minimises the A-norm error over the Krylov space, so ‖x − x*‖_A ≤ ‖x*‖_A
+        #   even where its residual is above ‖b‖ (CG's residual is not monotone); once A is
+        #   proven indefinite, the iterate with the smallest residual seen (initially x₀), so
+        #   the residual never exceeds the start's.
         # Exact convergence gives r = p = 0: a no-op step, not a breakdown. Every operation
         # is differentiable, in reverse and forward mode, with finite derivatives in the
         # masked branches.
@@ -183,15 +186,19 @@ class CG(LinearSolver):
             best_x = torch.where(better, x, best_x)
             best_norm = torch.where(better, r_norm, best_norm)
         matvecs += self.maxiter
+        indefinite = negative > 0
+        x = torch.where(indefinite, best_x, x)
+        r_norm = torch.where(indefinite, best_norm, torch.linalg.vector_norm(r))
         stats = {
             "breakdowns": breakdowns,
             "negative_curvature": negative,
             "nonfinite": ~finite,
+            # CG's own verdict replaces the shared residual test (see above): a residual
+            # above ‖b‖ on an SPD system is not divergence.
+            "diverged": ~torch.isfinite(r_norm),
             "matvecs": matvecs,
         }
-        return best_x, SolveInfo(
-            torch.isfinite(best_norm), self.maxiter, best_norm, "fixed_iterations", stats
-        )
+        return x, SolveInfo(torch.isfinite(r_norm), self.maxiter, r_norm, "fixed_iterations", stats)
 
 
 def _identity(r: Tree) -> Tree:
