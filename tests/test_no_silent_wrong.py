@@ -172,6 +172,10 @@ def test_fixed_k_residual_never_exceeds_b_on_symmetric_indefinite_systems(
         x, info = solver(lambda v: a @ v, b, rmatvec=lambda v: a.T @ v)
         true_residual = float(torch.linalg.vector_norm(b - a @ x))
         assert torch.isfinite(x).all(), name
+        if name.startswith("cg") and int(info.stats["negative_curvature"]) == 0:
+            # Every curvature CG met was positive: it cannot tell A from an SPD matrix and
+            # keeps CG's A-norm semantics (its residual may exceed ‖b‖ there); it stays finite.
+            continue
         assert float(info.residual_norm) <= b_norm * (1 + 1e-10), name
         assert true_residual <= b_norm * (1 + 1e-6), (name, true_residual, b_norm)
 
