@@ -403,7 +403,7 @@ def test_sinusoid_meta_training_learns_an_adaptable_initialisation():
         inner_lr=0.02,
         lam=1.0,
         cg_steps=5,
-        cg_ridge=0.0,
+        cg_ridge=1.0,
     )
     learner = build_learner(cfg)
     train = SinusoidSampler(10, 10, seed=0)
