@@ -676,8 +676,9 @@ class ImplicitFunction:
         if any_batched((x_star, args)):
             return
         leaves = tree_leaves(x_star)
-        if not all(bool(torch.isfinite(t).all()) for t in leaves):
-            bad = sum(int((~torch.isfinite(t)).sum()) for t in leaves)
+        # One host sync for the whole tree, not one per leaf.
+        bad = int(sum((~torch.isfinite(t)).sum() for t in leaves))
+        if bad:
             self._fail(
                 f"{self._name} returned a non-finite inner solution ({bad} NaN/Inf entries), so "
                 "its implicit gradient is meaningless: the inner solve diverged — lower its "
@@ -743,7 +744,8 @@ class ImplicitFunction:
             message = head + (
                 f"the fixed-K solve broke down in {int(info.stats['breakdowns'])} of "
                 f"{info.iterations} iterations (e.g. a singular or not positive definite "
-                f"∂F/∂x); the best iterate (residual {residual:.3g}) was used. Use bl.MINRES "
+                f"∂F/∂x); the iterate reached before it (residual {residual:.3g}) was used. "
+                "Use bl.MINRES "
                 "for symmetric indefinite systems, bl.GMRES otherwise, or add ridge=."
             )
         else:

@@ -180,6 +180,18 @@ def test_fixed_k_residual_never_exceeds_b_on_symmetric_indefinite_systems(
         assert true_residual <= b_norm * (1 + 1e-6), (name, true_residual, b_norm)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_normal_cg_fixed_k_residual_is_bounded_even_with_a_wrong_transpose(seed: int) -> None:
+    # A wrong rmatvec makes CG run on a non-symmetric "normal" operator: its iterates can
+    # have a true residual far above ‖b‖, which the shared guard must turn into x = 0.
+    g = torch.Generator().manual_seed(seed)
+    a, wrong, b = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((6, 6), (6, 6), (6,)))
+    x, info = bl.NormalCG(tol=0, maxiter=6)(lambda v: a @ v, b, rmatvec=lambda v: wrong @ v)
+    true_residual = float(torch.linalg.vector_norm(b - a @ x))
+    assert true_residual <= float(b.norm()) * (1 + 1e-10)
+    assert float(info.residual_norm) <= float(b.norm()) * (1 + 1e-10)
+
+
 # -- 3. a NaN cotangent gives NaN, and says where it came from -------------------------------
 
 

@@ -75,8 +75,9 @@ class SolveInfo:
             ``stats["nonfinite_input"]`` is true — or produced by the iteration), or
             ``"fixed_iterations"`` (fixed-K mode).
         stats: solver-specific extras such as ``"matvecs"``. Fixed-K solves always carry
-            three 0-d tensors: ``"breakdowns"`` (iterations in which the method's assumption
-            failed and no step was taken, e.g. CG after non-positive curvature),
+            these 0-d tensors: ``"breakdowns"`` (iterations in which the method's assumption
+            failed and no step was taken, e.g. CG after a vanishing pivot, MINRES on a
+            singular inconsistent system, Dense on a singular matrix),
             ``"diverged"`` (the final iterate's residual was non-finite or above ``‖b‖``, so
             ``x = 0`` was returned), ``"nonfinite"`` (NaN/Inf met during the iteration)
             and ``"nonfinite_input"`` (``b`` holds NaN/Inf).

@@ -31,10 +31,13 @@ class CG(LinearSolver):
     * fixed-K mode keeps iterating: on a symmetric indefinite ``A`` the CG iterates are
       Lanczos–Galerkin approximations (Paige & Saunders, 1975, §4), which converge in the
       same number of steps as MINRES but with a residual that can spike. The solver counts
-      such steps in ``info.stats["negative_curvature"]`` and returns the iterate with the
-      smallest residual norm seen, so the residual never exceeds that of the start
-      (``‖b‖`` from ``x₀ = 0``). A vanishing pivot ``|pᵀAp| ≤ ε‖p‖‖Ap‖`` (or a non-finite
-      value) freezes the iterate and counts in ``info.stats["breakdowns"]``. On a 200-dim
+      such steps in ``info.stats["negative_curvature"]``. While every curvature was
+      positive it returns the last iterate (on an SPD ``A`` its ``A``-norm error is at most
+      that of ``x₀``, even where the residual is above ``‖b‖``); once ``A`` is proven
+      indefinite, the iterate with the smallest residual norm seen, so the residual never
+      exceeds that of the start (``‖b‖`` from ``x₀ = 0``). A vanishing pivot
+      ``|pᵀAp| ≤ ε‖p‖‖Ap‖`` (or a non-finite value) freezes the iterate and counts in
+      ``info.stats["breakdowns"]``. On a 200-dim
       ``H + λI`` with 6 negative eigenvalues this reaches relative error 0.07 / 1e-15 at
       K = 20 / 100, as MINRES does (``benchmarks/indefinite_krylov.py``); the alternative of
       freezing at the first negative curvature stalls at 0.73. [`MINRES`][bilevel.MINRES]

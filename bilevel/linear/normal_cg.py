@@ -74,6 +74,9 @@ class NormalCG(LinearSolver):
             residual = residual.item()
         cg_products = info.stats["matvecs"]
         stats: dict[str, Any] = dict(info.stats)
+        # CG's own divergence verdict is about the normal equations; the residual reported
+        # here is the true ‖b − A x‖, so the shared test (above ‖b‖ = diverged) applies.
+        stats.pop("diverged", None)
         if mismatch is not None and self.fixed_iterations:
             stats["breakdowns"] = stats["breakdowns"] + mismatch.to(torch.int64)
         stats.update(
