@@ -1,0 +1,218 @@
+"""What the implicit layer checks and says: the failure policy, its messages, the probes.
+
+The implicit function theorem differentiates a *root*, through a *linear solve*. Either can
+fail without a sign in the numbers: the inner solver returns NaN or a point that is not a
+root, the linear solve diverges or breaks down, the cotangent is NaN, or θ never enters the
+optimality condition (so its gradient is identically zero). :class:`Diagnosed` holds the
+policy (``on_failure``, ``callback``, ``root_tol``) and turns each of these into one message
+that names the cause and the fix. Every check reads the host at most once, and none runs
+under ``vmap`` or while ``torch.compile`` traces (nothing can be read on the host there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from .._transforms import any_batched
+from ..errors import ConvergenceError, ConvergenceWarning
+from ..linear import LinearSolver, SolveInfo
+from ..tree import Tree, tree_leaves, tree_map, tree_norm
+from ._rules import explain_mutation
+
+__all__ = ["ON_FAILURE", "Diagnosed", "OnFailure", "warn"]
+
+OnFailure = Literal["warn", "raise", "ignore"]
+ON_FAILURE = ("warn", "raise", "ignore")
+
+# Frames in these directories are not the user's: a warning is attributed to the first frame
+# outside them (the line calling .backward(), torch.func.grad(...)(...), or the solver).
+_INTERNAL_DIRS = (
+    os.path.dirname(torch.__file__),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+)
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the user's line, not to torch or bilevel internals."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _host(value: float | torch.Tensor) -> float:
+    """A diagnostic scalar on the host (detached: it may carry a torch.func grad level)."""
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _silent() -> bool:
+    """True where nothing may be read on the host: while ``torch.compile`` traces."""
+    return bool(torch.compiler.is_compiling())
+
+
+def check_policy(
+    on_failure: str, callback: Callable[[SolveInfo], None] | None, root_tol: float | None
+) -> float | None:
+    """Validate the policy arguments of ``custom_root``; returns ``root_tol`` as a float."""
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(SolveInfo), got {type(callback).__name__}")
+    if root_tol is None:
+        return None
+    if isinstance(root_tol, bool) or not isinstance(root_tol, int | float):
+        raise TypeError(f"root_tol must be a real number or None, got {type(root_tol).__name__}")
+    if not (root_tol >= 0 and math.isfinite(root_tol)):
+        raise ValueError(f"root_tol must be finite and >= 0, got {root_tol!r}")
+    return float(root_tol)
+
+
+def failure_message(info: SolveInfo, name: str, solver: LinearSolver, direction: str) -> str:
+    """The message for a failed linear solve: what happened, why it matters, what to do."""
+    outcome = info.outcome
+    residual = _host(info.residual_norm)
+    head = f"implicit differentiation of {name} ({direction} linear solve, {solver!r}): "
+    if outcome == "nonfinite_input":
+        return head + (
+            "the cotangent reaching x* holds NaN/Inf, so the gradient is NaN. It comes from "
+            "the outer loss or from a layer applied to x* after this solve, not from the "
+            "linear solve: check the outer loss at x* (e.g. log of 0, division by 0)."
+        )
+    if outcome == "nonfinite":
+        return head + (
+            f"NaN/Inf appeared during the solve ({info.iterations} iterations): either the "
+            "iteration diverged (Neumann with too large an alpha — leave alpha=None to "
+            "estimate it; a singular ∂F/∂x — add ridge=) or the products with ∂F/∂x are "
+            "non-finite (a non-finite inner solution?). The gradient is not trustworthy."
+        )
+    if outcome == "diverged":
+        return head + (
+            f"the fixed-K solve diverged (final residual "
+            f"{_host(info.stats['final_residual_norm']):.3g} above ‖b‖), so x = 0 was used "
+            "and the implicit term of the gradient is zero. For Neumann lower alpha (or leave "
+            "alpha=None to estimate it); for indefinite ∂F/∂x use bl.MINRES or add ridge=."
+        )
+    if outcome == "breakdown" and info.fixed:
+        return head + (
+            f"the fixed-K solve broke down in {int(info.stats['breakdowns'])} of "
+            f"{info.iterations} iterations (e.g. a singular or not positive definite ∂F/∂x); "
+            f"the iterate reached before it (residual {residual:.3g}) was used. Use bl.MINRES "
+            "for symmetric indefinite systems, bl.GMRES otherwise, or add ridge=."
+        )
+    message = head + (
+        f"stopped with reason={info.reason!r} after {info.iterations} iterations (residual "
+        f"{residual:.3g}). The gradient is only as accurate as that residual; raise maxiter, "
+        "loosen tol, add ridge=, or pass on_failure='ignore'."
+    )
+    if info.reason == "breakdown":
+        message += (
+            " A breakdown means ∂F/∂x is not positive definite (CG) or singular (Dense) at "
+            "the inner solution (e.g. a saddle point or an unconverged inner solve): damp "
+            "with ridge=, or use bl.MINRES / bl.GMRES."
+        )
+    return message
+
+
+class Diagnosed:
+    """The failure policy of an implicit function and the checks that apply it.
+
+    Subclasses set ``on_failure``, ``callback``, ``root_tol``, ``optimality_fn``, ``solver``
+    and ``__wrapped__`` (the inner solver); ``latest_info`` records the last solve.
+    """
+
+    on_failure: OnFailure
+    callback: Callable[[SolveInfo], None] | None
+    root_tol: float | None
+    optimality_fn: Callable[..., Tree]
+    solver: LinearSolver
+    __wrapped__: Callable[..., Any]
+    latest_info: SolveInfo | None
+    _dependence_checked: bool
+
+    @property
+    def _name(self) -> str:
+        return getattr(self.__wrapped__, "__name__", "inner_solver")
+
+    def _fail(self, message: str, info: SolveInfo | None) -> None:
+        """Apply ``on_failure`` to a diagnosed problem."""
+        if self.on_failure == "ignore":
+            return
+        if self.on_failure == "raise":
+            raise ConvergenceError(message, info)
+        warn(message, ConvergenceWarning)
+
+    def _check_root(self, x_star: Tree, args: Sequence[Any]) -> None:
+        """After the inner solve: x* finite, and ``‖F(x*, args)‖ ≤ root_tol`` when set.
+
+        One host sync (skipped under ``vmap`` and while compiling). The implicit function
+        theorem differentiates the *root*: at a point that is not one the gradient is wrong
+        by about ``‖A⁻¹‖·‖F‖``, with no other sign of trouble.
+        """
+        if _silent() or any_batched((x_star, args)):
+            return
+        leaves = tree_leaves(x_star)
+        bad = int(sum((~torch.isfinite(t)).sum() for t in leaves))  # one sync for the tree
+        if bad:
+            self._fail(
+                f"{self._name} returned a non-finite inner solution ({bad} NaN/Inf entries), so "
+                "its implicit gradient is meaningless: the inner solve diverged — lower its "
+                "step size, clip its updates, or check its inputs.",
+                None,
+            )
+            return
+        if self.root_tol is None:
+            return
+        # x requires grad so that stationarity() takes its plain-autograd path (no torch.func
+        # transform, so modules with running statistics still work).
+        x = tree_map(lambda t: t.detach().requires_grad_(True), x_star)
+        with torch.enable_grad(), explain_mutation("optimality_fn"):
+            residual = float(tree_norm(tree_map(torch.detach, self.optimality_fn(x, *args))))
+        if residual <= self.root_tol:
+            return
+        self._fail(
+            f"{self._name} returned a point that is not a root of optimality_fn: "
+            f"‖F(x*, args)‖ = {residual:.3g} > root_tol = {self.root_tol:.3g}. The implicit "
+            "gradient assumes F(x*) = 0 and is off by about ‖(∂F/∂x)⁻¹‖·‖F‖: run the inner "
+            "solver longer or with a tighter tolerance, or raise root_tol if this accuracy is "
+            "enough.",
+            None,
+        )
+
+    def _report(self, info: SolveInfo, direction: str) -> None:
+        """Record the solve's info and apply the failure policy (one host sync at the end)."""
+        if _silent() or any_batched(tree_leaves((info.residual_norm, dict(info.stats)))):
+            return  # batched or traced diagnostics cannot be read on the host
+        self.latest_info = info
+        if self.callback is not None:
+            self.callback(info)
+        if self.on_failure == "ignore" or not info.failed:
+            return
+        self._fail(failure_message(info, self._name, self.solver, direction), info)
+
+    def _warn_unused(self, unused: Sequence[int] | None) -> None:
+        """Warn once per implicit function when a differentiated argument misses ``F``.
+
+        The classic porting bug: θ only initialises the inner solver (``x0``), so the implicit
+        gradient through ``F`` is identically zero. Autograd reports such inputs as unused in
+        the backward pass, so the probe costs nothing; ``unused`` is ``None`` where it did
+        not run (under ``torch.func`` transforms), and after its first run it is not asked
+        again.
+        """
+        if unused is None or self._dependence_checked or _silent():
+            return
+        self._dependence_checked = True
+        for i in unused:
+            warn(
+                f"argument {i} of {self._name} is differentiated but does not enter "
+                "optimality_fn, so its implicit gradient is zero. If it only sets the initial "
+                "point, the optimality condition is missing its dependence on it (e.g. "
+                "iMAML's proximal term λ(φ − θ)).",
+                UserWarning,
+            )
