@@ -1,6 +1,6 @@
 """bilevel: implicit differentiation of bilevel problems in PyTorch."""
 
-from . import inner, tree
+from . import distributed, inner, tree
 from .errors import ConvergenceError, ConvergenceWarning
 from .implicit import (
     ImplicitFunction,
@@ -40,6 +40,7 @@ __all__ = [
     "SolveInfo",
     "custom_fixed_point",
     "custom_root",
+    "distributed",
     "fixed_point",
     "implicit_grad",
     "inner",
