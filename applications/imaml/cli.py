@@ -24,18 +24,25 @@ Examples::
 
     # test a checkpoint on 600 tasks, both adaptation modes
     python -m applications.imaml evaluate runs/cpu-quick
+
+    # data-parallel meta-batches: 2 processes on this machine (gloo on CPU, NCCL on CUDA);
+    # same result as one process, see docs/distributed.md (multi-node: --nnodes, --rdzv-*)
+    torchrun --standalone --nproc_per_node=2 -m applications.imaml train --preset demo \\
+        --out-dir runs/demo-2p
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .._flags import Range, number, range_errors
+from .distributed import Team
 from .trainer import CONFIG_RANGES, Config
 
 __all__ = ["FLAG_RANGES", "PRESETS", "RESUME_MAY_CHANGE", "build_parser", "main", "resume_config"]
@@ -173,6 +180,13 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--ckpt-every", "ckpt_every", int, "meta-steps between checkpoints"),
     ("--threads", "threads", int, "torch CPU threads"),
     ("--hidden", "hidden", int, "conv4 filters per layer (64 in the paper)"),
+    (
+        "--vmap-chunk",
+        "vmap_chunk",
+        int,
+        "tasks per vmapped call (default: all); under torchrun, with K <= meta-batch/N, "
+        "N processes give one process's result bit for bit",
+    ),
 ]
 _BOOL_OVERRIDES: list[tuple[str, str, str]] = [
     ("safeguard", "safeguard", "monotone inner GD (reject and halve on increase)"),
@@ -189,6 +203,7 @@ FLAG_RANGES: dict[str, Range] = {
     **{"--" + name.replace("_", "-"): r for name, r in CONFIG_RANGES.items()},
     "--tasks": Range(1),  # evaluate: tasks to test on
     "--stop-after": Range(1),  # train (hidden): simulate an interruption
+    "--dist-timeout": Range(0, low_open=True),  # train under torchrun: seconds per collective
 }
 
 #: Settings a resumed run may change, with why: they do not change the meta-gradient of any
@@ -196,6 +211,7 @@ FLAG_RANGES: dict[str, Range] = {
 RESUME_MAY_CHANGE: dict[str, str] = {
     "threads": "CPU threads",
     "compile": "compiled and eager meta-batches compute the same meta-gradient",
+    "vmap_chunk": "the same meta-gradients, computed a chunk of tasks per vmapped call",
     "device": "where the meta-gradient is computed",
     "data_dir": "where the same data is read from",
     "time_limit": "when the run stops",
@@ -250,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the run that out-dir already holds"
     )
     tr.add_argument("--stop-after", type=number(int), default=None, help=argparse.SUPPRESS)
+    tr.add_argument(
+        "--dist-timeout",
+        type=number(float),
+        default=None,
+        help="under torchrun: seconds a rank waits for the others at a collective before the "
+        "run stops with an error (default 600)",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     for flag, _field, kind, text in _OVERRIDES:
         tr.add_argument(flag, type=kind if kind is str else number(kind), default=None, help=text)
@@ -314,6 +337,8 @@ def _validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
         fail("MAML/FOMAML baselines unroll plain GD: use --inner gd")
     if cfg.compile and not cfg.batched:
         fail("--compile compiles the vmapped meta-batch: drop --no-vmap")
+    if cfg.vmap_chunk is not None and not cfg.batched:
+        fail("--vmap-chunk splits the vmapped meta-batch: drop --no-vmap")
     if cfg.dataset == "omniglot-lake" and cfg.val_every:
         cfg.val_every = 0  # no validation split in Lake's background/evaluation protocol
     if cfg.dataset != "sinusoid" and cfg.shots + max(cfg.queries, cfg.eval_queries) > 20:
@@ -391,24 +416,79 @@ def resume_config(saved: Config, requested: Mapping[str, Any]) -> tuple[Config, 
     return cfg, applied
 
 
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .trainer import config_from_checkpoint, load_checkpoint, train
+def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Config, list[str]]:
+    """The run's configuration from the preset and flags, or from the checkpoint (--resume)."""
+    from .trainer import config_from_checkpoint, load_checkpoint
 
     out_dir = args.out_dir or f"runs/{args.preset or 'run'}"
-    if args.resume:
-        ckpt = Path(out_dir) / "checkpoint.pt"
-        if not ckpt.is_file():
-            parser.error(f"--resume: no checkpoint at {ckpt}")
-        saved = config_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    if not args.resume:
+        return config_from_args(args, parser), []
+    ckpt = Path(out_dir) / "checkpoint.pt"
+    if not ckpt.is_file():
+        parser.error(f"--resume: no checkpoint at {ckpt}")
+    saved = config_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    try:
+        return resume_config(saved, requested_values(args))
+    except ValueError as exc:
+        parser.error(f"--resume {out_dir}: {exc}")
+
+
+def _resolve_on_rank0(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, team: Team
+) -> tuple[Config, list[str]]:
+    """:func:`_resolve` on rank 0, sent to every rank, so that only rank 0 reads the run
+    directory (on several machines it exists only there). A refusal on rank 0 (bad settings:
+    exit status 2; an unusable checkpoint: 1) ends every rank with the same status; rank 0
+    alone prints why."""
+    from .rundir import RunError
+
+    outcome: Any = None
+    pending: BaseException | None = None
+    if team.is_main:
         try:
-            cfg, applied = resume_config(saved, requested_values(args))
-        except ValueError as exc:
-            parser.error(f"--resume {out_dir}: {exc}")
+            cfg, applied = _resolve(args, parser)
+            outcome = ("config", cfg.to_dict(), applied)
+        except SystemExit as exc:
+            outcome, pending = ("exit", exc.code), exc
+        except RunError as exc:
+            outcome, pending = ("error", str(exc)), exc
+    outcome = team.broadcast(outcome, "sending the configuration to every rank")
+    if pending is not None:
+        raise pending
+    if outcome[0] == "exit":
+        raise SystemExit(outcome[1])
+    if outcome[0] == "error":
+        raise RunError(f"{team.describe()}: stopping because rank 0 refused the run: {outcome[1]}")
+    return Config.from_dict(outcome[1]), outcome[2]
+
+
+def _place(cfg: Config, team: Team, parser: argparse.ArgumentParser) -> None:
+    """Give each rank of a CUDA run its own GPU: ``--device cuda`` means ``cuda:LOCAL_RANK``."""
+    if not (team.distributed and cfg.device.startswith("cuda")):
+        return
+    if cfg.device != "cuda":
+        parser.error(
+            f"--device {cfg.device}: with several processes every rank uses cuda:LOCAL_RANK; "
+            "pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
+        )
+    import torch
+
+    cfg.device = f"cuda:{team.local_rank}"
+    torch.cuda.set_device(team.local_rank)
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .distributed import DEFAULT_TIMEOUT, team_from_env
+    from .trainer import train
+
+    out_dir = args.out_dir or f"runs/{args.preset or 'run'}"
+    team = team_from_env(DEFAULT_TIMEOUT if args.dist_timeout is None else args.dist_timeout)
+    cfg, applied = _resolve_on_rank0(args, parser, team)
+    if team.is_main:
         for line in applied:
             print(f"resume: {line}; allowed, it does not change the meta-gradient")
-    else:
-        cfg = config_from_args(args, parser)
     _validate(cfg, parser)
+    _place(cfg, team, parser)
     summary = train(
         cfg,
         out_dir,
@@ -416,11 +496,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         overwrite=args.overwrite,
         stop_after=args.stop_after,
         progress=not args.no_progress,
+        team=team,
     )
-    print(
-        f"run directory: {out_dir}  ({summary['meta_steps']} meta-steps, "
-        f"{summary['seconds_per_meta_step']} s/meta-step)"
-    )
+    if team.is_main:
+        print(
+            f"run directory: {out_dir}  ({summary['meta_steps']} meta-steps, "
+            f"{summary['seconds_per_meta_step']} s/meta-step"
+            + (f", {team.world_size} processes)" if team.distributed else ")")
+        )
+    team.close()
     return 0
 
 
@@ -440,6 +524,11 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         restore_learner,
     )
 
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        parser.error(
+            "evaluate runs in one process; start it with python -m applications.imaml "
+            "evaluate, not torchrun (train --test-tasks N tests across the processes)"
+        )
     try:
         state = load_checkpoint(args.checkpoint)
     except FileNotFoundError as exc:

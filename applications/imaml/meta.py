@@ -401,19 +401,64 @@ class MetaLearner:
 
     # -- meta-batches -----------------------------------------------------------------------
 
-    def meta_gradient(self, batch: Any) -> tuple[Params, dict[str, Tensor]]:
-        """Average meta-gradient over the tasks of ``batch`` and per-batch statistics.
+    def meta_gradient_sums(self, batch: Any, *, chunk: int | None = None) -> dict[str, Any]:
+        """The sums over the tasks of ``batch`` from which :meth:`meta_gradient` forms its means.
 
-        Returns ``(grads, stats)`` with ``stats`` holding 0-d tensors ``loss`` (mean query
-        loss at the adapted weights), ``metric`` (mean query accuracy or MSE), both over the
-        finite tasks, and ``nonfinite_tasks`` (tasks whose meta-gradient, loss or metric was
-        not finite: zeroed in the meta-gradient, left out of the means). No host
-        synchronisation happens here.
+        Returns a tree ``{"grads": Σᵢ gᵢ, "loss": Σ loss, "metric": Σ metric, "tasks": B,
+        "counted": n}``: the meta-gradient sum runs over the tasks whose meta-gradient is finite
+        (a non-finite one contributes zero), the loss and metric sums over the ``n`` tasks whose
+        meta-gradient, loss and metric are all finite; ``tasks`` and ``counted`` are 0-d int64.
+        Sums rather than means, so that the sums of the shards of one meta-batch, computed by
+        different processes and added with ``bl.distributed.all_reduce_tree(op="sum")``, give
+        exactly this batch's sums. An empty batch (a process with no task) gives zeros.
+
+        The sums are accumulated in float64: a sum of a few float32 numbers is exact in
+        float64 unless their magnitudes differ by more than about 2²⁴, so after the division
+        and the rounding back the float32 mean does not depend on the order of summation, that
+        is, on how the meta-batch was split across processes. No host synchronisation.
+
+        Args:
+            batch: the meta-batch, or this process's shard of it.
+            chunk: with ``batched=True``, compute at most this many tasks per vmapped call
+                (default: all of ``batch`` in one). The batched kernels' float32 rounding
+                depends on how many tasks one call computes, so a shard made of whole chunks
+                (:meth:`applications.imaml.distributed.Team.part` with the same ``chunk``)
+                gives every task's meta-gradient bit for bit as one process computing the
+                whole meta-batch in the same chunks does. Ignored by the per-task loop.
         """
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be a positive number of tasks, got {chunk!r}")
         theta = self.params
         xs, ys, xq, yq = batch.support_x, batch.support_y, batch.query_x, batch.query_y
+        ref = next(iter(theta.values()))
+        wide = torch.float64
+        tasks = torch.tensor(xs.shape[0], dtype=torch.int64, device=ref.device)
+        if xs.shape[0] == 0:
+            zero = torch.zeros((), dtype=wide, device=ref.device)
+            return {
+                "grads": {
+                    k: torch.zeros(v.shape, dtype=wide, device=v.device) for k, v in theta.items()
+                },
+                "loss": zero,
+                "metric": zero.clone(),
+                "tasks": tasks,
+                "counted": torch.zeros_like(tasks),
+            }
         if self.batched:
-            grads, losses, metrics = self._batched_meta_grad()(theta, xs, ys, xq, yq)
+            n = int(xs.shape[0])
+            size = n if chunk is None else min(chunk, n)
+            parts = [
+                self._batched_meta_grad()(
+                    theta, xs[i : i + size], ys[i : i + size], xq[i : i + size], yq[i : i + size]
+                )
+                for i in range(0, n, size)
+            ]
+            if len(parts) == 1:
+                grads, losses, metrics = parts[0]
+            else:
+                grads = {k: torch.cat([p[0][k] for p in parts]) for k in theta}
+                losses = torch.cat([p[1] for p in parts])
+                metrics = torch.cat([p[2] for p in parts])
         else:
             outs = [
                 self.task_meta_grad(theta, xs[i], ys[i], xq[i], yq[i]) for i in range(xs.shape[0])
@@ -423,18 +468,55 @@ class MetaLearner:
             metrics = torch.stack([o[2] for o in outs])
         # A task whose meta-gradient is not finite contributes zero (no host sync).
         finite = torch.stack([torch.isfinite(g).flatten(1).all(1) for g in grads.values()]).all(0)
-        mean = {
-            k: torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, 0.0).mean(0)
+        summed = {
+            k: torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, 0.0).sum(0, dtype=wide)
             for k, g in grads.items()
         }
         # Statistics over the tasks that count, so one diverged task cannot turn the logged
         # loss into NaN (it is reported in nonfinite_tasks instead).
         counted = finite & torch.isfinite(losses) & torch.isfinite(metrics)
-        n = counted.sum().clamp_min(1)
+        return {
+            "grads": summed,
+            "loss": torch.where(counted, losses, 0.0).sum(dtype=wide),
+            "metric": torch.where(counted, metrics, 0.0).sum(dtype=wide),
+            "tasks": tasks,
+            "counted": counted.sum(),
+        }
+
+    def meta_gradient(
+        self,
+        batch: Any,
+        *,
+        reduce: Callable[[Any], Any] | None = None,
+        chunk: int | None = None,
+    ) -> tuple[Params, dict[str, Tensor]]:
+        """Average meta-gradient over the tasks of ``batch`` and per-batch statistics.
+
+        Returns ``(grads, stats)`` with ``stats`` holding 0-d tensors ``loss`` (mean query
+        loss at the adapted weights), ``metric`` (mean query accuracy or MSE), both over the
+        finite tasks, and ``nonfinite_tasks`` (tasks whose meta-gradient, loss or metric was
+        not finite: zeroed in the meta-gradient, left out of the means). The meta-gradient is
+        the sum over the finite tasks divided by the number of tasks. No host
+        synchronisation happens here.
+
+        Args:
+            batch: the meta-batch, or this process's shard of it.
+            reduce: applied to the tree of :meth:`meta_gradient_sums` before the division; for
+                data-parallel training, ``functools.partial(bl.distributed.all_reduce_tree,
+                op="sum")`` makes every process return the mean over the whole meta-batch.
+            chunk: at most this many tasks per vmapped call (see :meth:`meta_gradient_sums`).
+        """
+        sums = self.meta_gradient_sums(batch, chunk=chunk)
+        if reduce is not None:
+            sums = reduce(sums)
+        tasks = sums["tasks"].clamp_min(1)
+        mean = {k: (s / tasks).to(self.params[k].dtype) for k, s in sums["grads"].items()}
+        dtype = next(iter(self.params.values())).dtype
+        n = sums["counted"].clamp_min(1)
         stats = {
-            "loss": torch.where(counted, losses, 0.0).sum() / n,
-            "metric": torch.where(counted, metrics, 0.0).sum() / n,
-            "nonfinite_tasks": (~counted).sum(),
+            "loss": (sums["loss"] / n).to(dtype),
+            "metric": (sums["metric"] / n).to(dtype),
+            "nonfinite_tasks": sums["tasks"] - sums["counted"],
         }
         return mean, stats
 
@@ -448,9 +530,19 @@ class MetaLearner:
             self._compiled = torch.compile(batched, fullgraph=True, dynamic=False)
         return self._compiled
 
-    def step(self, batch: Any) -> dict[str, Tensor]:
-        """One outer Adam step on a meta-batch; returns the statistics of meta_gradient."""
-        grads, stats = self.meta_gradient(batch)
+    def step(
+        self,
+        batch: Any,
+        *,
+        reduce: Callable[[Any], Any] | None = None,
+        chunk: int | None = None,
+    ) -> dict[str, Tensor]:
+        """One outer Adam step on a meta-batch; returns the statistics of meta_gradient.
+
+        ``reduce`` and ``chunk`` are passed to :meth:`meta_gradient`: with a sum across
+        processes, every process takes the same step from the same meta-gradient.
+        """
+        grads, stats = self.meta_gradient(batch, reduce=reduce, chunk=chunk)
         for k, p in self.params.items():
             p.grad = grads[k]
         norm = tree_norm(grads)

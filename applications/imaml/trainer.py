@@ -19,18 +19,21 @@ handling and states its guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from .._flags import Range, range_errors
+from .distributed import RankFailure, Team, shard_batch
 from .meta import (
     GradientDescent,
     MetaLearner,
@@ -107,6 +110,10 @@ class Config:
     hidden: int = 64  # conv4 filters (64 in the paper; smaller only for fast tests)
     batched: bool = True  # vmap across the tasks of a meta-batch
     compile: bool = False  # torch.compile the vmapped meta-batch (slow first step)
+    # Tasks per vmapped call (None: a process's whole meta-batch or shard in one). The batched
+    # kernels' float rounding depends on it: N processes whose shards are whole chunks give the
+    # result of one process bit for bit (docs/distributed.md).
+    vmap_chunk: int | None = None
     val_every: int = 500
     val_tasks: int = 100
     test_tasks: int = 600
@@ -158,6 +165,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "val_tasks": Range(1),
     "test_tasks": Range(0),  # 0: no final test
     "eval_batch": Range(1),
+    "vmap_chunk": Range(1),  # None: the whole meta-batch (or shard) per vmapped call
     "log_every": Range(1),
     "ckpt_every": Range(0),  # 0: only at the end
     "seed": Range(0, 2**32 - 1),
@@ -267,10 +275,16 @@ def evaluate_learner(
     *,
     batch: int = 25,
     modes: tuple[str, ...] = ("prox", "gd"),
+    team: Team | None = None,
+    chunk: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Mean ± 95% CI of the query metric over ``num_tasks`` tasks, per adaptation mode.
 
-    The same tasks are used for every mode (drawn once).
+    The same tasks are used for every mode (drawn once). With a distributed ``team`` every rank
+    draws the same tasks, evaluates its shard of each batch, and the per-task values are
+    gathered exactly (see :func:`_evaluate_batch`), so every rank returns what one process
+    would. ``chunk`` (``Config.vmap_chunk``): at most this many tasks per vmapped call, and the
+    ranks' shards made of whole chunks, as for the meta-gradient.
     """
     batches = []
     remaining = num_tasks
@@ -281,7 +295,7 @@ def evaluate_learner(
     for mode in modes:
         losses, metrics = [], []
         for b in batches:
-            loss, metric = learner.evaluate(b, mode)
+            loss, metric = _evaluate_batch(learner, b, mode, team, chunk)
             losses.append(loss)
             metrics.append(metric)
         loss_all, metric_all = torch.cat(losses).cpu(), torch.cat(metrics).cpu()
@@ -297,6 +311,43 @@ def evaluate_learner(
             "nonfinite_tasks": int((~ok).sum()),
         }
     return out
+
+
+def _evaluate_chunked(
+    learner: MetaLearner, batch: Any, mode: str, chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``learner.evaluate`` on at most ``chunk`` tasks per call (all at once without it)."""
+    n = int(batch.support_x.shape[0])
+    if chunk is None or chunk >= n or not learner.batched:
+        return learner.evaluate(batch, mode)
+    outs = [
+        learner.evaluate(shard_batch(batch, slice(i, min(i + chunk, n))), mode)
+        for i in range(0, n, chunk)
+    ]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def _evaluate_batch(
+    learner: MetaLearner, batch: Any, mode: str, team: Team | None, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task query loss and metric of ``batch``, split across the ranks of ``team``.
+
+    Each rank evaluates its contiguous shard (whole chunks of ``chunk`` tasks) and writes it
+    into zeros of the batch's length; the all-reduced sum is then the per-task vector itself,
+    exactly (``x + 0 = x``, NaN stays NaN), in task order.
+    """
+    if team is None or not team.distributed:
+        return _evaluate_chunked(learner, batch, mode, chunk)
+    n = int(batch.support_x.shape[0])
+    part = team.part(n, chunk)
+    ref = next(iter(learner.params.values()))
+    loss = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+    metric = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+    if part.stop > part.start:
+        shard_loss, shard_metric = _evaluate_chunked(learner, shard_batch(batch, part), mode, chunk)
+        loss[part], metric[part] = shard_loss, shard_metric
+    loss, metric = team.reduce_sum((loss, metric), f"gathering the {mode} evaluation")
+    return loss, metric
 
 
 def lake_runs_error(
@@ -472,6 +523,7 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    team: Team | None = None,
 ) -> dict[str, Any]:
     """Meta-train, validate periodically, checkpoint, then test on ``cfg.test_tasks`` tasks.
 
@@ -488,33 +540,74 @@ def train(
             without testing — simulates an interrupted run (used by the resume test).
         progress: show a tqdm progress bar.
         log: where to print human-readable lines.
+        team: the processes of a data-parallel run (:func:`~applications.imaml.distributed.
+            team_from_env`); default one process. Every rank calls ``train`` with the same
+            arguments; each draws the same meta-batches and computes its shard of them, the
+            meta-gradient sums are all-reduced, and every rank takes the same outer step. Only
+            rank 0 touches ``out_dir`` (lock, checkpoints, metrics, results) and prints.
 
     Returns:
-        A summary dict (also written to ``results.json`` when the run completes).
+        A summary dict (also written to ``results.json`` when the run completes), the same on
+        every rank.
 
     Raises:
         RunError: the directory is in use by another run, holds a run (without ``resume`` or
             ``overwrite``), cannot take a checkpoint, or its checkpoint is unusable; the
-            message names the file and the fix. Nothing is trained then.
+            message names the file and the fix. Nothing is trained then. Under a distributed
+            team every rank raises (the others name the rank that failed), and a process that
+            dies or stops answering ends the others with a
+            :class:`~applications.imaml.distributed.RankFailure` naming the last checkpoint.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue a run or replace it")
     errors = cfg.range_errors()
     if errors:
         raise ValueError("; ".join(errors))
+    team = Team() if team is None else team
+    if not team.is_main:
+        progress, log = False, _silent
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(
-            f"cannot create the run directory {out}: {err.strerror or err}; choose another "
-            "--out-dir"
-        ) from err
-    with RunLock(out):
-        _claim_run_dir(out, resume=resume, overwrite=overwrite, log=log)
+    with _own_run_dir(out, team, resume=resume, overwrite=overwrite, log=log):
         return _train_locked(
-            cfg, out, resume=resume, stop_after=stop_after, progress=progress, log=log
+            cfg, out, team, resume=resume, stop_after=stop_after, progress=progress, log=log
         )
+
+
+def _silent(_line: str) -> None:
+    """The log of ranks other than 0: one voice per run."""
+
+
+@contextlib.contextmanager
+def _own_run_dir(
+    out: Path, team: Team, *, resume: bool, overwrite: bool, log: Callable[[str], None]
+) -> Iterator[None]:
+    """Rank 0 creates, locks and claims ``out`` for the block; every rank learns the outcome.
+
+    The other ranks never touch the run directory (on several machines it exists only where
+    rank 0 runs); they stop with rank 0's reason when it cannot take the directory.
+    """
+    lock: RunLock | None = None
+    error: BaseException | None = None
+    if team.is_main:
+        try:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RunError(
+                    f"cannot create the run directory {out}: {err.strerror or err}; choose "
+                    "another --out-dir"
+                ) from err
+            lock = RunLock(out)
+            lock.__enter__()
+            _claim_run_dir(out, resume=resume, overwrite=overwrite, log=log)
+        except RunError as err:
+            error = err
+    try:
+        team.agree(error, "to claim the run directory")
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def _claim_run_dir(out: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
@@ -547,6 +640,7 @@ def _claim_run_dir(out: Path, *, resume: bool, overwrite: bool, log: Callable[[s
 def _train_locked(
     cfg: Config,
     out: Path,
+    team: Team,
     *,
     resume: bool,
     stop_after: int | None,
@@ -556,33 +650,81 @@ def _train_locked(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    sampler = make_sampler(cfg, _splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed)
+    error: BaseException | None = None
+    sampler: Any = None
+    try:  # every rank reads the data itself (on several machines: from its own disk)
+        sampler = make_sampler(cfg, _splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed)
+    except Exception as err:
+        error = err
+    team.agree(error, "to load the meta-training tasks")
     learner = build_learner(cfg)
     ckpt_path = out / CHECKPOINT
     metrics_path = out / METRICS
-    preflight(out, _checkpoint_bytes(learner))
+    if team.is_main:
+        try:
+            preflight(out, _checkpoint_bytes(learner))
+        except RunError as err:
+            error = err
+    team.agree(error, "the run directory's preflight check")
+    if team.distributed and team.is_main and cfg.meta_batch < team.world_size:
+        log(
+            f"note: {team.world_size} processes share meta-batches of {cfg.meta_batch} tasks: "
+            f"{team.world_size - cfg.meta_batch} of them wait idle at every meta-step"
+        )
     step, elapsed_before = 0, 0.0
     if resume:
-        state = load_checkpoint(ckpt_path)
+        state: Any = None
+        if team.is_main:
+            try:
+                state = load_checkpoint(ckpt_path)
+            except (RunError, FileNotFoundError) as err:
+                error = err
+        team.agree(error, "to read the checkpoint")
+        # Rank 0 read it with weights_only=True; the others receive that plain data.
+        state = team.broadcast(state, "sending the checkpoint to every rank")
         restore_learner(learner, state, ckpt_path)
         _restore_streams(sampler, state, ckpt_path)
         step = int(state["step"])
         elapsed_before = float(state["elapsed"])
-        # Drop metric lines written after the checkpoint (they will be re-run), and a torn last
-        # line of a killed writer.
-        kept = [r for r in read_metrics(metrics_path, log) if r.get("step", 0) <= step]
-        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if team.is_main:
+            # Drop metric lines written after the checkpoint (they will be re-run), and a torn
+            # last line of a killed writer.
+            kept = [r for r in read_metrics(metrics_path, log) if r.get("step", 0) <= step]
+            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         log(f"resumed from {ckpt_path} at meta-step {step}")
     else:
-        write_text_atomic(metrics_path, "")
-    write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    with metrics_path.open("a") as metrics_file:
+        if team.is_main:
+            write_text_atomic(metrics_path, "")
+        # Every rank initialised θ from the same seed; rank 0's copy is the reference anyway.
+        for k, v in team.broadcast_tree(learner.params, "sending θ to every rank").items():
+            learner.params[k].data.copy_(v)
+    if team.is_main:
+        write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if team.distributed:
+        log(
+            f"data-parallel run: {team.world_size} processes ({team.backend}), "
+            f"{cfg.meta_batch} tasks per meta-step split into contiguous shards"
+        )
+        if (
+            cfg.batched
+            and -(-cfg.meta_batch // (cfg.vmap_chunk or cfg.meta_batch)) < team.world_size
+        ):
+            log(
+                "note: each process computes its shard in one vmapped call, whose float32 "
+                "rounding depends on how many tasks it holds: this run equals a one-process run "
+                "to float rounding, not bit for bit; --vmap-chunk K with K <= "
+                f"{max(cfg.meta_batch // team.world_size, 1)} makes it bit for bit "
+                "(docs/distributed.md)"
+            )
+    files = metrics_path.open("a") if team.is_main else contextlib.nullcontext(io.StringIO())
+    with files as metrics_file:
         return _loop(
             cfg,
             out,
             learner,
             sampler,
             metrics_file,
+            team,
             step=step,
             elapsed_before=elapsed_before,
             stop_after=stop_after,
@@ -591,12 +733,22 @@ def _train_locked(
         )
 
 
+def _resume_hint(out: Path, saved_step: int | None) -> str:
+    if saved_step is None:
+        return f"no checkpoint was written yet: start the run again with --overwrite ({out})"
+    return (
+        f"the checkpoint of meta-step {saved_step} in {out} (on rank 0's machine) is intact: "
+        "continue with --resume, with any number of processes"
+    )
+
+
 def _loop(
     cfg: Config,
     out: Path,
     learner: MetaLearner,
     sampler: Any,
     metrics_file: IO[str],
+    team: Team,
     *,
     step: int,
     elapsed_before: float,
@@ -605,32 +757,91 @@ def _loop(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The training loop, final checkpoint, curve and test of :func:`train` (lock held)."""
+    saved = [step if step else None]  # meta-step of the last checkpoint written
+    try:
+        return _loop_body(
+            cfg,
+            out,
+            learner,
+            sampler,
+            metrics_file,
+            team,
+            saved,
+            step=step,
+            elapsed_before=elapsed_before,
+            stop_after=stop_after,
+            progress=progress,
+            log=log,
+        )
+    except RankFailure as err:
+        raise RankFailure(f"{err}; {_resume_hint(out, saved[0])}") from err
+
+
+def _loop_body(
+    cfg: Config,
+    out: Path,
+    learner: MetaLearner,
+    sampler: Any,
+    metrics_file: IO[str],
+    team: Team,
+    saved: list[int | None],
+    *,
+    step: int,
+    elapsed_before: float,
+    stop_after: int | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     _, val_split, test_split = _splits(cfg.dataset)
+    chunk = cfg.vmap_chunk if cfg.batched else None
     ckpt_path = out / CHECKPOINT
 
     def record(entry: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(entry) + "\n")
-        metrics_file.flush()
+        if team.is_main:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
 
     def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "version": FORMAT_VERSION,
-                "config": cfg.to_dict(),
-                "step": step,
-                "learner": learner.state_dict(),
-                "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "elapsed": elapsed_before + (time.perf_counter() - t_start),
-            },
-        )
+        # Every rank must hold the same θ for rank 0's checkpoint to stand for the run.
+        team.check_in_sync(learner.params, f"the check before the checkpoint of meta-step {step}")
+        error: BaseException | None = None
+        if team.is_main:
+            try:
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "version": FORMAT_VERSION,
+                        "config": cfg.to_dict(),
+                        "step": step,
+                        "learner": learner.state_dict(),
+                        "sampler": sampler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "elapsed": elapsed_before + (time.perf_counter() - t_start),
+                    },
+                )
+            except RunError as err:
+                error = err
+        team.agree(error, f"to write the checkpoint of meta-step {step}")
+        saved[0] = step
 
     def validate() -> dict[str, Any]:
         if val_split is None and cfg.dataset != "sinusoid":
             return {}
         vs = make_sampler(cfg, val_split, queries=cfg.eval_queries, seed=VAL_SEED)
-        return evaluate_learner(learner, vs, cfg.val_tasks, batch=cfg.eval_batch)
+        return evaluate_learner(
+            learner, vs, cfg.val_tasks, batch=cfg.eval_batch, team=team, chunk=chunk
+        )
+
+    def time_is_up() -> bool:
+        if cfg.time_limit is None:
+            return False
+        over = elapsed_before + time.perf_counter() - t_start >= 60.0 * cfg.time_limit
+        # Rank 0's clock decides for everyone: ranks that stopped at different steps would
+        # wait for each other until the timeout.
+        return team.any(over and team.is_main, "agreeing on the time limit")
+
+    def reduce(sums: Any) -> Any:
+        return team.reduce_sum(sums, f"the meta-gradient all-reduce of meta-step {step + 1}")
 
     bar = None
     if progress:
@@ -646,15 +857,16 @@ def _loop(
         while step < cfg.steps:
             if stop_after is not None and step >= stop_after:
                 break
-            if cfg.time_limit is not None and (
-                elapsed_before + time.perf_counter() - t_start >= 60.0 * cfg.time_limit
-            ):
+            if time_is_up():
                 stopped_by_time = True
                 break
             lr = _lr_at(cfg, step)
             for group in learner.optimizer.param_groups:
                 group["lr"] = lr
-            stats = learner.step(sampler.sample(cfg.meta_batch))
+            # Every rank draws the whole meta-batch from the same stream and keeps its shard:
+            # the tasks and their order do not depend on the number of processes.
+            shard = team.shard(sampler.sample(cfg.meta_batch), chunk)
+            stats = learner.step(shard, reduce=reduce if team.distributed else None, chunk=chunk)
             step += 1
             # Accumulate on-device; read back only every log_every steps.
             if acc_loss is None:
@@ -665,7 +877,7 @@ def _loop(
                 acc_metric = acc_metric + stats["metric"].detach()
                 acc_nonfinite = acc_nonfinite + stats["nonfinite_tasks"]
             acc_count += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if team.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 entry = {
                     "kind": "train",
                     "step": step,
@@ -681,6 +893,7 @@ def _loop(
                     bar.set_postfix(
                         loss=f"{entry['loss']:.3f}", **{metric_name: f"{entry['metric']:.3f}"}
                     )
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 acc_loss = acc_metric = acc_nonfinite = None
                 acc_count = 0
             if bar is not None:
@@ -705,6 +918,7 @@ def _loop(
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
         "meta_steps": step,
+        "processes": team.world_size,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_meta_step": round(train_seconds / max(step, 1), 3),
         "stopped_by_time_limit": stopped_by_time,
@@ -712,27 +926,32 @@ def _loop(
     if stop_after is not None and step >= stop_after and step < cfg.steps:
         summary["interrupted"] = True
         return summary
-    try:
-        plot_curve(
-            out / METRICS,
-            out / "curve.png",
-            title=f"{cfg.method} {cfg.dataset}",
-            ylabel="accuracy" if metric_name == "acc" else "MSE",
-        )
-    except Exception as exc:  # plotting must never lose a finished run
-        log(f"could not plot the learning curve: {exc}")
+    if team.is_main:
+        try:
+            plot_curve(
+                out / METRICS,
+                out / "curve.png",
+                title=f"{cfg.method} {cfg.dataset}",
+                ylabel="accuracy" if metric_name == "acc" else "MSE",
+            )
+        except Exception as exc:  # plotting must never lose a finished run
+            log(f"could not plot the learning curve: {exc}")
     if cfg.test_tasks:
         t0 = time.perf_counter()
         ts = make_sampler(cfg, test_split, queries=cfg.eval_queries, seed=TEST_SEED)
-        res = evaluate_learner(learner, ts, cfg.test_tasks, batch=cfg.eval_batch)
+        res = evaluate_learner(
+            learner, ts, cfg.test_tasks, batch=cfg.eval_batch, team=team, chunk=chunk
+        )
         summary["test"] = res
         summary["test_seconds"] = round(time.perf_counter() - t0, 1)
         record({"kind": "test", "step": step, **res})
         for mode, r in res.items():
             log(f"test {describe_result(mode, r, regression=metric_name == 'mse')}")
-        if cfg.dataset == "omniglot-lake" and cfg.ways == 20 and cfg.shots == 1:
+        if team.is_main and cfg.dataset == "omniglot-lake" and cfg.ways == 20 and cfg.shots == 1:
+            # 20 tasks: rank 0 alone (the others may already have left).
             summary["lake_one_shot"] = lake_runs_error(learner, cfg.data_dir)
             for mode, err in summary["lake_one_shot"].items():
                 log(f"Lake et al.'s 20 one-shot runs, {mode}: error rate {100 * err:.2f}%")
-    write_text_atomic(out / RESULTS, json.dumps(summary, indent=2) + "\n")
+    if team.is_main:
+        write_text_atomic(out / RESULTS, json.dumps(summary, indent=2) + "\n")
     return summary
