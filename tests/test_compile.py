@@ -144,3 +144,29 @@ def test_has_aux_under_compile_needs_one_eager_call_first() -> None:
     assert aux["method"] == "closed form"
     got = torch.compile(torch.func.grad(hyper), fullgraph=True)(p.lam)
     assert rel_err(got, p.closed_form()) <= 1e-10
+
+
+def test_compiling_before_any_eager_call_does_not_recompile_on_new_values() -> None:
+    # The first call is compiled: x*'s structure is taken from x0 inside the trace, without
+    # writing to the implicit function (a traced attribute write guards and recompiles).
+    p = _problem()
+    hyper = _objective(p, _closed_form_solver(p))
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    compiled = torch.compile(torch.func.grad(hyper), fullgraph=True)
+    first = compiled(p.lam)
+    second = compiled(0.5 * p.lam)
+    assert counters["unique_graphs"] == before + 1
+    assert rel_err(first, p.closed_form(p.lam)) <= 1e-8
+    assert rel_err(second, p.closed_form(0.5 * p.lam)) <= 1e-8
+
+
+def test_compiled_vmap_without_grad_returns_the_solution() -> None:
+    # No reverse pass asks for the rule: the traced forward must not attach its hook.
+    p = _problem()
+    solve = _closed_form_solver(p)
+    lams = torch.stack([p.lam, 2.0 * p.lam])
+    batched = torch.func.vmap(lambda lam: solve(torch.zeros(D, dtype=F64), lam, p.X, p.y))
+    got = torch.compile(batched, fullgraph=True)(lams)
+    ref = torch.stack([p.closed_form_inner(None, lam, p.X, p.y) for lam in lams])
+    assert rel_err(got, ref) <= 1e-12

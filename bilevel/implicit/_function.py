@@ -53,18 +53,22 @@ class _Signature(NamedTuple):
     constants: tuple[Any, ...]  # one entry per leaf: None where the leaf is a tensor
     tensor_pos: tuple[int, ...]  # positions of the tensor leaves
     n_x0: int  # number of tensor leaves belonging to x0
-    # While compiling: the number of leaves x* must have (no side channel reports it back).
-    n_x: int | None = None
+    # While compiling: the structure x* must have (no side channel reports it back).
+    x_spec: Any = None
+
+    @property
+    def n_x(self) -> int | None:
+        return None if self.x_spec is None else self.x_spec.num_leaves
 
     @staticmethod
     def of(
-        x0: Any, args: Sequence[Any], n_x: int | None = None
+        x0: Any, args: Sequence[Any], x_spec: Any = None
     ) -> tuple[list[torch.Tensor], _Signature]:
         leaves, spec = tree_flatten((x0, list(args)))
         pos = tuple(i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor))
         consts = tuple(None if isinstance(t, torch.Tensor) else t for t in leaves)
         n_x0 = sum(isinstance(t, torch.Tensor) for t in tree_leaves(x0))
-        return [leaves[i] for i in pos], _Signature(spec, consts, pos, n_x0, n_x)
+        return [leaves[i] for i in pos], _Signature(spec, consts, pos, n_x0, x_spec)
 
     def rebuild(self, tensors: Sequence[Any]) -> tuple[Any, tuple]:
         leaves = list(self.constants)
@@ -144,9 +148,12 @@ def _binding(owner: ImplicitFunction, forward_mode: bool) -> type[torch.autograd
         def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
             *tensors, sig = inputs
             ctx.sig = sig
-            assert owner._layout is not None  # set by __call__ (compiling) or by forward
-            ctx.x_spec = owner._layout[0]
-            ctx.n_x = n_x = sig.n_x if sig.n_x is not None else ctx.x_spec.num_leaves
+            if sig.x_spec is not None:  # compiling: the structure travels in the signature
+                ctx.x_spec = sig.x_spec
+            else:
+                assert owner._layout is not None  # set by the eager forward just before
+                ctx.x_spec = owner._layout[0]
+            ctx.n_x = n_x = ctx.x_spec.num_leaves
             ctx.n_aux = len(output) - n_x
             if ctx.n_aux:
                 ctx.mark_non_differentiable(*output[n_x:])
@@ -339,6 +346,8 @@ class ImplicitFunction(Diagnosed):
                 "(the compiled rule ravels the cotangent into one vector)"
             )
         zero = torch.cat([(r - r.detach()).reshape(-1) for r in residual])
+        if not zero.requires_grad:  # e.g. vmap alone: no reverse pass will ask for the rule
+            return x_leaves
         sizes = [t.numel() for t in x_leaves]
         plain = _detach(args)
 
@@ -354,26 +363,29 @@ class ImplicitFunction(Diagnosed):
     def __call__(self, x0: Any, *args: Any) -> Any:
         if self.argnums is not None:
             diff_indices(args, self.argnums)  # validate early, with the caller's frame
-        n_x = None
         if torch.compiler.is_compiling() and not _under_transform():
             return _outside_graph(self, x0, args)
+        layout = None
         if torch.compiler.is_compiling():
             # A traced forward cannot report x*'s structure back: take it from the last
-            # eager call, or else assume x* is shaped like x0 (checked in forward).
-            if self._layout is None:
+            # eager call, or else assume x* is shaped like x0 (checked in forward). Never
+            # written to self here: a traced mutation would guard, and recompile, on it.
+            layout = self._layout
+            if layout is None:
                 if self.has_aux:
                     raise RuntimeError(
                         f"{self._name} has has_aux=True: call it once outside torch.compile "
                         "first, so that the structure of its aux output is known when tracing"
                     )
-                self._layout = (tree_flatten(x0)[1], None, [])
-            n_x = self._layout[0].num_leaves
-        tensors, sig = _Signature.of(x0, args, n_x)
-        function = self._function if n_x is None else self._traced_function
+                layout = (tree_flatten(x0)[1], None, [])
+        tensors, sig = _Signature.of(x0, args, None if layout is None else layout[0])
+        function = self._function if layout is None else self._traced_function
         out = function.apply(*tensors, sig)
-        assert self._layout is not None
-        x_spec, aux_spec, aux_leaves = self._layout
-        n = len(out) if n_x is None and not self.has_aux else x_spec.num_leaves
+        if layout is None:
+            layout = self._layout
+        assert layout is not None
+        x_spec, aux_spec, aux_leaves = layout
+        n = len(out) if sig.x_spec is None and not self.has_aux else x_spec.num_leaves
         x_star = tree_unflatten(list(out[:n]), x_spec)
         if not self.has_aux:
             return x_star
