@@ -18,10 +18,10 @@ Two measurements, printed as tables and written to ``benchmarks/results/imaml_me
 2. **Throughput of a meta-batch of 16 tasks** (5-way 1-shot, 16 GD steps at lr 0.1, λ = 2,
    5 CG steps: the paper's recipe with the harness's meta-batch 16 and 1 query per class) with
    ``torch.func.vmap`` across the tasks versus a per-task Python loop, and the vmapped
-   meta-batch compiled whole (``IMAML(compile=True)``: ``torch.compile``, through
-   ``bl.root_vjp``): seconds per meta-step (median of ``--repeats`` after a warm-up), wall
-   and process CPU time, at ``--threads``. Each row runs with an empty compiler cache, so the
-   compiled row's first meta-step (recorded) is a cold compilation.
+   meta-batch compiled whole (``IMAML(compile=True)``: ``torch.compile`` of the same
+   ``custom_root``-decorated solve): seconds per meta-step (median of ``--repeats`` after a
+   warm-up), wall and process CPU time, at ``--threads``. Each row runs with an empty
+   compiler cache, so the compiled row's first meta-step (recorded) is a cold compilation.
    For the vmap row the meta-step is also split into its parts, timed through the public
    API (a timing subclass of the inner solver and of ``bl.CG``): the inner solve (16 GD
    steps), the CG solve's matrix-vector products (Hessian-vector products through the

@@ -135,8 +135,8 @@ def test_vmap_equals_loop(make):
 
 @pytest.mark.parametrize("method", ["imaml", "maml", "fomaml"])
 def test_compiled_meta_batch_equals_eager(method):
-    """compile=True: the same meta-gradient and statistics as the eager vmap (iMAML's goes
-    through bl.root_vjp there, through custom_root here), and it really is compiled."""
+    """compile=True: the same meta-gradient and statistics as the eager vmap (both through
+    the one custom_root-decorated solve), and it really is compiled."""
     kwargs = {"lam": 2.0, "cg_steps": 2} if method == "imaml" else {}
     batch = _batch(3, 3, 2, 2, in_features=4)
     batch.support_x, batch.query_x = batch.support_x.float(), batch.query_x.float()

@@ -389,12 +389,6 @@ class MetaLearner:
         loss = self._loss_fn(out, yq)
         return loss, (loss.detach(), self.metric(out.detach(), yq))
 
-    def traceable_task_meta_grad(
-        self, theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
-    ) -> tuple[Params, Tensor, Tensor]:
-        """:meth:`task_meta_grad` in a form ``torch.compile`` can trace whole (default: itself)."""
-        return self.task_meta_grad(theta, xs, ys, xq, yq)
-
     def adapt(self, theta: Params, xs: Tensor, ys: Tensor, mode: str = "prox") -> Params:
         """Adapted weights for one task (no meta-gradient)."""
         raise NotImplementedError
@@ -525,7 +519,7 @@ class MetaLearner:
         if not self.compile:
             return vmap(self.task_meta_grad, in_dims=(None, 0, 0, 0, 0))
         if self._compiled is None:
-            batched = vmap(self.traceable_task_meta_grad, in_dims=(None, 0, 0, 0, 0))
+            batched = vmap(self.task_meta_grad, in_dims=(None, 0, 0, 0, 0))
             # fullgraph: a graph break inside vmap would silently fall back to eager.
             self._compiled = torch.compile(batched, fullgraph=True, dynamic=False)
         return self._compiled
@@ -638,49 +632,23 @@ class IMAML(MetaLearner):
     def task_meta_grad(
         self, theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
     ) -> tuple[Params, Tensor, Tensor]:
-        if not self.batched and not self.inner.vmappable:
-            return self._task_meta_grad_autograd(theta, xs, ys, xq, yq)
+        """One task's meta-gradient ``λ(H + (λ+ρ)I)⁻¹∇L(φ*)``, query loss and metric.
 
-        def outer(th: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            # x0 = θ (no gradient through x0)
-            return self.query_loss(self.solve(th, th, xs, ys), xq, yq)
-
-        grads, (loss, metric) = grad(outer, has_aux=True)(theta)
-        return grads, loss, metric
-
-    def traceable_task_meta_grad(
-        self, theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
-    ) -> tuple[Params, Tensor, Tensor]:
-        """The same meta-gradient through ``bl.root_vjp``, for ``torch.compile``.
-
-        ``custom_root`` is a ``torch.autograd.Function``, which the compiler cannot trace
-        under ``vmap``; ``root_vjp`` is the same backward rule as plain ``torch.func`` code.
-        With ``F(φ, θ) = ∇L̂(φ) + λ(φ − θ)``, ``∂F/∂θ = −λI``, so the cotangent it returns
-        for θ, ``−(∂F/∂θ)ᵀu = λu`` with ``(∇²L̂ + (λ + ρ)I)u = ∇L(φ*)``, is the whole
-        meta-gradient.
+        The one path for every mode: ``bl.implicit_grad`` through ``self.solve`` runs on
+        autograd for a single eager task (any inner solver, ``torch.optim`` included), and on
+        ``torch.func.grad`` under ``vmap`` and ``torch.compile``, where the decorated solve
+        carries its implicit rule into the graph.
         """
-        phi = {k: v.detach() for k, v in self._inner_solve(theta, theta, xs, ys).items()}
-        cotangent, (loss, metric) = grad(self.query_loss, has_aux=True)(phi, xq, yq)
-        meta_grad, _, _ = bl.root_vjp(
-            self.optimality_fn, phi, (theta, xs, ys), cotangent, solver=self.cg, argnums=0
-        )
-        return meta_grad, loss, metric
 
-    def _task_meta_grad_autograd(
-        self, theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
-    ) -> tuple[Params, Tensor, Tensor]:
-        """Same meta-gradient with the autograd engine (for non-vmappable inner solvers)."""
-        th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-        with torch.enable_grad():
-            phi = self.solve(th, th, xs, ys)
-            out = self.model(phi, xq)
-            loss = self._loss_fn(out, yq)
-            grads = torch.autograd.grad(loss, list(th.values()))
-        return (
-            dict(zip(th, grads, strict=True)),
-            loss.detach(),
-            self.metric(out.detach(), yq),
-        )
+        def outer(
+            phi: Params, th: Params, xs_: Tensor, ys_: Tensor
+        ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            return self.query_loss(phi, xq, yq)
+
+        # x0 = θ; only θ (argnums=0) is differentiated, never the support data.
+        value_and_grad = bl.implicit_grad(self.solve, outer, argnums=0, has_aux=True)
+        (_, (loss, metric)), (grads, _, _) = value_and_grad(theta, theta, xs, ys)
+        return grads, loss, metric
 
     def adapt(self, theta: Params, xs: Tensor, ys: Tensor, mode: str = "prox") -> Params:
         if mode == "prox":
