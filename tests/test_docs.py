@@ -26,7 +26,13 @@ def test_docs_build_strict(tmp_path: Path) -> None:
 
 # Pages whose every ```python block is a complete, runnable example (run in order, sharing a
 # namespace), so the tutorials cannot rot silently.
-RUNNABLE_PAGES = ["README.md", "docs/tutorial.md", "docs/diagnostics.md", "docs/optimality.md"]
+RUNNABLE_PAGES = [
+    "README.md",
+    "docs/tutorial.md",
+    "docs/diagnostics.md",
+    "docs/optimality.md",
+    "docs/compiling.md",
+]
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
