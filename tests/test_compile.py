@@ -48,6 +48,21 @@ def test_compiled_vmap_of_grad_matches_closed_form() -> None:
     assert rel_err(got, torch.func.vmap(torch.func.grad(hyper))(lams)) <= 1e-12  # = eager
 
 
+def test_compiled_vmap_of_grad_through_an_intermediate_hyperparameter() -> None:
+    # λ = exp(log λ) is computed in the graph: dynamo traces an autograd.Function fed by an
+    # intermediate as a higher-order op (not inlined), which the decorator must not rely on.
+    p = _problem()
+    solve = _closed_form_solver(p)
+
+    def hyper(log_lam: torch.Tensor) -> torch.Tensor:
+        return p.outer_loss(solve(torch.zeros(D, dtype=F64), log_lam.exp(), p.X, p.y))
+
+    log_lams = torch.stack([p.lam, 0.5 * p.lam]).log()
+    got = torch.compile(torch.func.vmap(torch.func.grad(hyper)), fullgraph=True)(log_lams)
+    ref = torch.stack([p.closed_form(lam) * lam for lam in log_lams.exp()])  # chain rule
+    assert rel_err(got, ref) <= 1e-8
+
+
 def test_compiled_grad_of_a_tree_solution_matches_closed_form() -> None:
     # x* is a dict (two leaves): the traced rule ravels it at one boundary.
     p = _problem()

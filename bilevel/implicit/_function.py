@@ -87,13 +87,6 @@ class _Signature(NamedTuple):
         return out
 
 
-def _drop_dynamo_ctx(inputs: tuple) -> tuple:
-    # Inlining a varargs forward, dynamo (torch 2.13) passes the ctx object first.
-    if inputs and not isinstance(inputs[0], torch.Tensor | _Signature):
-        return inputs[1:]
-    return inputs
-
-
 def _detach(tree: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
@@ -110,39 +103,47 @@ def _under_jvp() -> bool:
     return interpreter is not None and interpreter.key() == TransformType.Jvp
 
 
-def _binding(owner: ImplicitFunction, forward_mode: bool) -> type[torch.autograd.Function]:
-    """The ``autograd.Function`` of ``owner``: its rules, closed over its configuration.
+def _forward(owner: ImplicitFunction, tensors: Sequence[Any], sig: _Signature) -> tuple:
+    """x* (and aux) from the inner solver on detached inputs: the binding's forward.
 
-    ``forward_mode=False`` leaves out the ``jvp`` rule: dynamo (torch 2.13) refuses to trace
-    an ``autograd.Function`` that defines one, so the class used while compiling has none.
+    While compiling under a ``torch.func`` transform this is called directly, not through
+    ``autograd.Function.apply``: dynamo (torch 2.13) either inlines an ``autograd.Function``
+    there and drops its backward (pytorch#193279) or, when an input is an intermediate of the
+    graph, traces it as a higher-order op that cannot hold the ``ImplicitFunction``; the
+    reverse rule travels as a gradient hook instead (``_traced_rule``).
     """
+    x0, args = sig.rebuild(tensors)
+    # Detached inputs: nothing the inner solver does can reach the caller's graph.
+    x_star, aux = owner._solve(_detach(x0), _detach(args))
+    x_leaves, x_spec = tree_flatten(x_star)
+    aux_leaves, aux_spec = tree_flatten(aux)
+    aux_tensors = [t.detach() for t in aux_leaves if isinstance(t, torch.Tensor)]
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # read by __call__ / setup_context right after this forward
+        owner._layout = (x_spec, aux_spec, aux_leaves)
+        owner._check_root(x_star, args)
+    elif sig.n_x is not None and len(x_leaves) != sig.n_x:
+        raise RuntimeError(
+            f"under torch.compile, {owner._name} returned {len(x_leaves)} tensors as "
+            f"x*, but {sig.n_x} were expected (the structure of x0, or of its last "
+            "eager call): call it once eagerly with these argument shapes first"
+        )
+    out = [t.detach() for t in x_leaves]
+    if compiling and torch.is_grad_enabled():
+        out = owner._traced_rule(out, x_spec, args)
+    return (*out, *aux_tensors)
+
+
+def _binding(owner: ImplicitFunction) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` of ``owner``: its rules, closed over its configuration."""
 
     class ImplicitRoot(torch.autograd.Function):
         generate_vmap_rule = True
 
         @staticmethod
         def forward(*inputs: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-            *tensors, sig = _drop_dynamo_ctx(inputs)
-            x0, args = sig.rebuild(tensors)
-            # Detached inputs: nothing the inner solver does can reach the caller's graph.
-            x_star, aux = owner._solve(_detach(x0), _detach(args))
-            x_leaves, x_spec = tree_flatten(x_star)
-            aux_leaves, aux_spec = tree_flatten(aux)
-            aux_tensors = [t.detach() for t in aux_leaves if isinstance(t, torch.Tensor)]
-            compiling = torch.compiler.is_compiling()
-            if not compiling:  # read by __call__ / setup_context right after this forward
-                owner._layout = (x_spec, aux_spec, aux_leaves)
-                owner._check_root(x_star, args)
-            elif sig.n_x is not None and len(x_leaves) != sig.n_x:
-                raise RuntimeError(
-                    f"under torch.compile, {owner._name} returned {len(x_leaves)} tensors as "
-                    f"x*, but {sig.n_x} were expected (the structure of x0, or of its last "
-                    "eager call): call it once eagerly with these argument shapes first"
-                )
-            out = [t.detach() for t in x_leaves]
-            if compiling and torch.is_grad_enabled():
-                out = owner._traced_rule(out, x_spec, args)
-            return (*out, *aux_tensors)
+            *tensors, sig = inputs
+            return _forward(owner, tensors, sig)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -221,8 +222,6 @@ def _binding(owner: ImplicitFunction, forward_mode: bool) -> type[torch.autograd
                 owner._report(info, "forward-mode")
             return (*tree_leaves(s), *([None] * ctx.n_aux))
 
-    if not forward_mode:
-        del ImplicitRoot.jvp  # falls back to autograd.Function's "not implemented"
     ImplicitRoot.__name__ = ImplicitRoot.__qualname__ = f"ImplicitRoot[{owner._name}]"
     return ImplicitRoot
 
@@ -289,8 +288,7 @@ class ImplicitFunction(Diagnosed):
         self._dependence_checked = False
         self._layout: tuple[Any, Any, list[Any]] | None = None
         functools.update_wrapper(self, inner_solver)
-        self._function = _binding(self, forward_mode=True)
-        self._traced_function = _binding(self, forward_mode=False)
+        self._function = _binding(self)
 
     def __repr__(self) -> str:
         return (
@@ -379,8 +377,9 @@ class ImplicitFunction(Diagnosed):
                     )
                 layout = (tree_flatten(x0)[1], None, [])
         tensors, sig = _Signature.of(x0, args, None if layout is None else layout[0])
-        function = self._function if layout is None else self._traced_function
-        out = function.apply(*tensors, sig)
+        out = (
+            self._function.apply(*tensors, sig) if layout is None else _forward(self, tensors, sig)
+        )
         if layout is None:
             layout = self._layout
         assert layout is not None
@@ -389,6 +388,7 @@ class ImplicitFunction(Diagnosed):
         x_star = tree_unflatten(list(out[:n]), x_spec)
         if not self.has_aux:
             return x_star
+        assert aux_spec is not None  # with has_aux the forward recorded aux's structure
         it = iter(out[n:])
         aux = tree_unflatten(
             [next(it) if isinstance(t, torch.Tensor) else t for t in aux_leaves], aux_spec
