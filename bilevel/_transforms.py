@@ -12,7 +12,8 @@ import torch
 
 from .tree import Tree, tree_leaves
 
-_functorch = torch._C._functorch
+# torch._C's stub does not declare the private _functorch extension module (it exists at runtime).
+_functorch = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def is_batched(tensor: torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -90,7 +90,9 @@ def _transform_active() -> bool:
     inside a ``vmap`` level with plain, unwrapped inputs, and ``torch.func`` still forbids
     ``requires_grad_()`` there.
     """
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    # torch._C's stub does not declare the private _functorch module (it exists at runtime).
+    functorch = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
+    return functorch.peek_interpreter_stack() is not None
 
 
 def _refuse_transforms(factory: str, why: str) -> None:
@@ -113,7 +115,7 @@ def _check_lr(lr: Any) -> None:
         return
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a positive number or a 0-d tensor, got {type(lr).__name__}")
-    if not 0 < lr < float("inf"):
+    if not 0 < cast(float, lr) < float("inf"):  # numbers.Real's stub has no ordering
         raise ValueError(
             f"lr must be finite and > 0 (e.g. lr=1/L for an L-smooth loss), got {lr!r}"
         )

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -196,7 +196,7 @@ def _check_step(step: Any, where: str) -> float:
             f"{where}: step must be a Python number η > 0, got {type(step).__name__}; any η > 0 "
             "has the same fixed points, η ≈ 1/L (L the Lipschitz constant of ∇f) conditions best"
         )
-    if not 0 < step < math.inf:
+    if not 0 < cast(float, step) < math.inf:  # numbers.Real's stub has no ordering
         raise ValueError(
             f"{where}: step must be a finite number η > 0, got {step!r}; any η > 0 has the same "
             "fixed points, η ≈ 1/L (L the Lipschitz constant of ∇f) conditions best"

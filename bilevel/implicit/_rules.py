@@ -162,7 +162,7 @@ def _jvp_operator(f: Callable[..., Tree], primals: Sequence[Any]) -> Callable[..
     def transpose(w: Tree) -> tuple:
         return torch.func.vjp(f, *primals)[1](w)
 
-    _, vjp_transpose = torch.func.vjp(transpose, tree_zeros_like(out))
+    vjp_transpose = torch.func.vjp(transpose, tree_zeros_like(out))[1]
     return lambda *tangents: vjp_transpose(tuple(tangents))[0]
 
 
@@ -236,7 +236,7 @@ def _linearise_func(
 ) -> Linearisation:
     fx = _checked(optimality_fn, x_star, args)
     with explain_mutation("optimality_fn"):
-        _, vjp_x = torch.func.vjp(fx, x_star)  # the linearisation, built once per solve
+        vjp_x = torch.func.vjp(fx, x_star)[1]  # the linearisation, built once per solve
 
     def rmatvec(u: Tree) -> Tree:
         return vjp_x(u)[0]
@@ -250,7 +250,7 @@ def _linearise_func(
             return optimality_fn(x_star, *substitute(args, diff, diff_args))
 
         with explain_mutation("optimality_fn"):
-            _, vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff))
+            vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff))[1]
         return list(vjp_args(w))
 
     return Linearisation(rmatvec, rmatvec if symmetric else _Lazy(matvec), pull_args)
@@ -376,7 +376,7 @@ def jvp_rule(
     bt = _jvp_operator(f_args, [args[i] for i in indices])(*(tangents[i] for i in indices))
     fx = _checked(optimality_fn, x_star, args)
     with explain_mutation("optimality_fn"):
-        _, vjp_x = torch.func.vjp(fx, x_star)
+        vjp_x = torch.func.vjp(fx, x_star)[1]
 
     def vjp_matvec(s: Tree) -> Tree:  # Aᵀ s
         return vjp_x(s)[0]

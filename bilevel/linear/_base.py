@@ -31,7 +31,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 
@@ -166,6 +166,12 @@ class Flattening:
         flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
         return flat if flat.dtype == self.vector.dtype else flat.to(self.vector.dtype)
 
+    @overload
+    def lift(self, fn: Matvec) -> Callable[[torch.Tensor], torch.Tensor]: ...
+    @overload
+    def lift(self, fn: None) -> None: ...
+    @overload
+    def lift(self, fn: Matvec | None) -> Callable[[torch.Tensor], torch.Tensor] | None: ...
     def lift(self, fn: Matvec | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``fn`` on trees as a map on flat vectors."""
         if fn is None or self.identity:

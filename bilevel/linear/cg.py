@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -118,8 +119,9 @@ class CG(LinearSolver):
                 return x, info
             track = torch.is_grad_enabled() and (ap.requires_grad or b.requires_grad)
             alpha = rz_t / curvature_t if track else rz / curvature
-            x = x + alpha * p if track else torch.add(x, p, alpha=alpha)
-            r = r - alpha * ap if track else torch.add(r, ap, alpha=-alpha)
+            # Untracked, alpha is the host float rz / curvature (the stub types it as a union).
+            x = x + alpha * p if track else torch.add(x, p, alpha=cast(float, alpha))
+            r = r - alpha * ap if track else torch.add(r, ap, alpha=-cast(float, alpha))
             z = precondition(r)
             rz_new_t = tree_dot(r, z)
             rz_new = rz_new_t.item()

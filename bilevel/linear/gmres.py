@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -83,7 +84,9 @@ class GMRES(LinearSolver):
         iterations = self.maxiter - left
         if fixed:
             return unravel(x), self._fixed_info(r_norm, iterations, matvecs=matvecs)
-        return unravel(x), self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
+        # Adaptive: r_norm was read back with .item() after the last cycle.
+        residual = cast(float, r_norm)
+        return unravel(x), self._adaptive_info(residual, iterations, b_norm, matvecs=matvecs)
 
     def _arnoldi(
         self, op: Matvec, r: torch.Tensor, beta: torch.Tensor, steps: int, threshold: float

@@ -99,7 +99,7 @@ def _adjoint_mismatch(matvec: Matvec, b: Tree, atb: Tree) -> torch.Tensor:
 def _vjp_transpose(matvec: Matvec, b: Tree) -> Matvec:
     """``u ↦ Aᵀu`` for a linear ``matvec``, by one ``torch.func.vjp`` built at zero."""
     try:
-        _, vjp_fn = torch.func.vjp(matvec, tree_zeros_like(b))
+        vjp_fn = torch.func.vjp(matvec, tree_zeros_like(b))[1]
     except (RuntimeError, TypeError, NotImplementedError) as error:
         raise TypeError(
             "NormalCG needs Aᵀ: pass rmatvec=, or a matvec built from differentiable torch "

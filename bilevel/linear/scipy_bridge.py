@@ -114,15 +114,20 @@ class SciPy(LinearSolver):
 
         n = flat.shape[0]
         rmatvec = None if problem.rmatvec is None else wrap(problem.rmatvec)
-        operator = spla.LinearOperator(
-            (n, n), matvec=wrap(problem.matvec), rmatvec=rmatvec, dtype=np.float64
+        # LinearOperator.__new__ dispatches these keywords to _CustomLinearOperator; pyright
+        # reads the abstract base's __init__(dtype, shape) signature instead.
+        operator = spla.LinearOperator(  # pyright: ignore[reportCallIssue]
+            (n, n),
+            matvec=wrap(problem.matvec),  # pyright: ignore[reportCallIssue]
+            rmatvec=rmatvec,  # pyright: ignore[reportCallIssue]
+            dtype=np.float64,  # pyright: ignore[reportCallIssue]
         )
 
         def callback(_: Any) -> None:
             counts["iterations"] += 1
 
         function = getattr(spla, self.method)
-        kwargs = self._tolerances(function, torch.linalg.vector_norm(flat).item())
+        kwargs: dict[str, Any] = self._tolerances(function, torch.linalg.vector_norm(flat).item())
         kwargs.update(self.options, maxiter=self.maxiter, callback=callback)
         if self.method == "gmres":
             kwargs["callback_type"] = "pr_norm"
