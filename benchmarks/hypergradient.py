@@ -48,7 +48,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _peak_memory import high_water_bytes, reset_high_water, rss_bytes
 
 import bilevel as bl
 
@@ -271,34 +273,6 @@ def outer_graph(p: dict[str, Any], mode: str, steps: int) -> tuple[torch.Tensor,
     return 0.5 * ((Xv @ w - yv) ** 2).sum(), lam
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> int:
-    """Return the resident set size (KiB) after trimming the heap and resetting its peak."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed setup memory back to the OS
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # Linux ≥ 4.0: reset VmHWM (peak RSS) to the current RSS
-    except OSError:
-        pass
-    rss = _status_kib("VmRSS")
-    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 class _SavedTensors:
     """Track the tensors autograd saves for backward, to weigh the graph alive at a moment."""
 
@@ -332,14 +306,15 @@ def memory_worker(d: int, mode: str, steps: int) -> None:
     p = make_problem(d)
     hypergradient(make_problem(8), mode, 2)  # load lazy modules before the baseline
     saved = _SavedTensors()
-    before = _reset_peak()
+    reset_high_water()
+    before = rss_bytes() / 1024
     start = time.thread_time()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         loss, lam = outer_graph(p, mode, steps)
     graph_bytes = saved.alive_bytes()
     grad = torch.autograd.grad(loss, lam)[0]
     seconds = time.thread_time() - start
-    peak = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = high_water_bytes() / 1024
     print(
         json.dumps(
             {

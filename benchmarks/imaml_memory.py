@@ -9,11 +9,11 @@ Two measurements, printed as tables and written to ``benchmarks/results/imaml_me
 
    Method: every configuration runs in a **fresh subprocess** (so allocator caches and earlier
    peaks cannot leak between rows). Inside it, one warm-up meta-gradient with 2 inner steps
-   loads every kernel; then ``peak = ru_maxrss after − RSS before`` of the measured call, where
-   ``ru_maxrss`` (``resource.getrusage``) is the kernel's high-water mark of the resident set
-   and the "before" RSS is read from ``/proc/self/statm``. This counts every byte the call
-   touches (tensors, autograd graph, allocator slack), not only tensors that torch reports.
-   Time is the wall time of that call.
+   loads every kernel; then the high-water mark of the resident set is reset and
+   ``peak = VmHWM after − RSS before`` of the measured call (``benchmarks/_peak_memory.py``
+   says why not ``ru_maxrss``: it carries the launching process's peak). This counts every
+   byte the call touches (tensors, autograd graph, allocator slack), not only tensors that
+   torch reports. Time is the wall time of that call.
 
 2. **Throughput of a meta-batch of 16 tasks** (5-way 1-shot, 16 GD steps at lr 0.1, λ = 2,
    5 CG steps: the paper's recipe with the harness's meta-batch 16 and 1 query per class) with
@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _peak_memory import high_water_bytes, reset_high_water, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "imaml_memory.json"
@@ -89,11 +91,6 @@ def _learner(method: str, steps: int, *, batched: bool = False, compile: bool = 
     return MAML(model, steps=steps, lr=0.1, batched=batched)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_one(method: str, steps: int, threads: int) -> dict:
     """Runs inside a fresh subprocess: peak RSS increase and time of one task's meta-gradient."""
     torch.set_num_threads(threads)
@@ -102,17 +99,21 @@ def measure_one(method: str, steps: int, threads: int) -> dict:
     warm = _learner(method, 2)
     warm.task_meta_grad(warm.params, *task)
     learner = _learner(method, steps)
-    before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reset = reset_high_water()
+    before = rss_bytes()
+    peak_before = high_water_bytes()
     t0 = time.perf_counter()
     grads, loss, _ = learner.task_meta_grad(learner.params, *task)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water_bytes()
     assert all(torch.isfinite(g).all() for g in grads.values())
     return {
         "method": method,
         "inner_steps": steps,
         "peak_increase_mb": (max(peak, peak_before) - before) / 2**20,
+        # the high-water mark before the call, relative to its RSS: ~0 after a reset
+        "high_water_before_mb": (peak_before - before) / 2**20,
+        "high_water_reset": reset,
         "seconds": seconds,
         "query_loss": float(loss),
     }
@@ -344,7 +345,12 @@ def main() -> None:
                 f"  {row['seconds']:7.2f} s",
                 flush=True,
             )
-    throughput = [] if args.skip_throughput else _throughput_rows(args.threads, repeats, args.modes)
+    previous: dict = {}
+    if args.skip_throughput:  # keep the recorded throughput rows (measured separately)
+        previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+        throughput = previous.get("throughput", [])
+    else:
+        throughput = _throughput_rows(args.threads, repeats, args.modes)
 
     def growth(method: str) -> float | None:
         r = {x["inner_steps"]: x["peak_increase_mb"] for x in rows if x["method"] == method}
@@ -361,11 +367,13 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "threads": args.threads,
         "load_average": os.getloadavg(),
-        "method": "fresh subprocess per row; peak = ru_maxrss after - RSS before the call",
+        "method": "fresh subprocess per row; VmHWM reset, peak = VmHWM after - RSS before the call",
         "memory": rows,
         "memory_growth_first_to_last": {"imaml": growth("imaml"), "maml": growth("maml")},
         "throughput": throughput,
     }
+    if args.skip_throughput and "commands" in previous:
+        result["commands"] = previous["commands"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
 

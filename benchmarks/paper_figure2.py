@@ -80,7 +80,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,6 +95,9 @@ from torch.func import grad
 from torch.nn import functional as F
 
 import bilevel as bl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _peak_memory import high_water_bytes, reset_high_water, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "paper_figure2.json"
@@ -404,35 +406,6 @@ def _meta_grad(learner, *task: Tensor) -> tuple[Params, Tensor, Tensor]:
     return learner.task_meta_grad(learner.params, *task)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _high_water_bytes() -> int:
-    """The address space's peak RSS, ``VmHWM`` (what ``clear_refs`` resets); ``ru_maxrss``,
-    an upper bound that the reset may not lower, where ``/proc/self/status`` lacks it."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_high_water() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; ``False`` where
-    ``/proc/self/clear_refs`` is missing or refuses it (then the peak is an upper bound)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def measure_one(method: str, steps: int, task_file: str, threads: int, repeats: int) -> dict:
     """Runs inside a fresh subprocess: peak RSS increase and time of one task's meta-gradient."""
     torch.set_num_threads(threads)
@@ -447,14 +420,14 @@ def measure_one(method: str, steps: int, task_file: str, threads: int, repeats: 
     del warm
     learner = _learner(method, steps, ways)
     gc.collect()
-    peak_unreset = _high_water_bytes()
-    reset = _reset_high_water()
-    before = _rss_bytes()
-    peak_before = _high_water_bytes()
+    peak_unreset = high_water_bytes()
+    reset = reset_high_water()
+    before = rss_bytes()
+    peak_before = high_water_bytes()
     t0, c0 = time.perf_counter(), time.process_time()
     grads, loss, _ = _meta_grad(learner, xs, ys, xq, yq)
     first_seconds, first_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = _high_water_bytes()
+    peak = high_water_bytes()
     assert all(torch.isfinite(g).all() for g in grads.values())
     del grads
     times, cpus = [], []
