@@ -11,17 +11,9 @@ from .implicit import (
     root_vjp,
 )
 from .linear import CG, GMRES, MINRES, Dense, LinearSolver, Neumann, NormalCG, SciPy, SolveInfo
-from .optimality import (
-    fixed_point,
-    projected_gradient,
-    projection_box,
-    projection_l2_ball,
-    projection_simplex,
-    prox_elastic_net,
-    prox_lasso,
-    proximal_gradient,
-    stationarity,
-)
+from .optimality import fixed_point, projected_gradient, proximal_gradient, stationarity
+from .projection import projection_box, projection_l2_ball, projection_simplex
+from .prox import prox_elastic_net, prox_lasso
 
 __version__ = "0.1.0"
 
