@@ -100,7 +100,7 @@ def check_nonnegative(value: Any, where: str, arg: str, fix: str, *, strict: boo
 def check_nonnegative_tree(
     value: Any, where: str, arg: str, fix: str, *, strict: bool = False
 ) -> Any:
-    """:func:`check_nonnegative` on a number, a tensor, or every leaf of a tree of them."""
+    """``check_nonnegative`` on a number, a tensor, or every leaf of a tree of them."""
     if isinstance(value, tuple | list | dict):
         return tree_map(lambda leaf: check_nonnegative(leaf, where, arg, fix, strict=strict), value)
     return check_nonnegative(value, where, arg, fix, strict=strict)

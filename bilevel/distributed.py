@@ -6,20 +6,20 @@ meta-gradient (a tree of tensors shaped like the meta-parameters) crosses the ne
 module is that last step and nothing else, so it works with any launcher (``torchrun``, SLURM,
 ``torch.multiprocessing``) and any training loop:
 
-* :func:`all_reduce_tree` reduces a tree (``dict`` / ``list`` / ``tuple`` of tensors) across
+* ``all_reduce_tree`` reduces a tree (``dict`` / ``list`` / ``tuple`` of tensors) across
   the processes with **one collective per (device, dtype)**: the leaves are packed into one
   flat buffer per dtype, reduced, and unpacked. A 20-leaf conv4 meta-gradient costs one
   ``all_reduce``, not twenty.
-* :func:`broadcast_tree` sends rank ``src``'s tree to every process (e.g. the initial
+* ``broadcast_tree`` sends rank ``src``'s tree to every process (e.g. the initial
   meta-parameters).
-* :func:`shard` is the contiguous slice of ``n`` items that one rank owns, so that every rank
+* ``shard`` is the contiguous slice of ``n`` items that one rank owns, so that every rank
   can draw the *same* meta-batch from one seeded stream and take its own part of it.
-* :func:`init_from_env` joins the process group a launcher (``torchrun``) describes in the
-  environment, with the backend :func:`default_backend` picks (``gloo`` for CPU tensors, plus
+* ``init_from_env`` joins the process group a launcher (``torchrun``) describes in the
+  environment, with the backend ``default_backend`` picks (``gloo`` for CPU tensors, plus
   ``nccl`` for CUDA tensors where CUDA is available) and a timeout on every collective.
 
 Without an initialised process group, or with a group of one process, every function here is a
-**documented no-op** (the tree is returned as given, :func:`shard` returns ``slice(0, n)``): the
+**documented no-op** (the tree is returned as given, ``shard`` returns ``slice(0, n)``): the
 same script runs under ``python`` and under ``torchrun``. The collectives are not recorded by
 autograd (their results carry no gradient history) and do not run under ``torch.func``
 transforms; call them on concrete tensors, between meta-gradient and optimiser step.
@@ -50,13 +50,13 @@ __all__ = [
     "world_size",
 ]
 
-#: Reductions accepted by :func:`all_reduce_tree`.
+#: Reductions accepted by ``all_reduce_tree``.
 OPS = ("sum", "mean", "max", "min")
 
-#: Seconds :func:`init_from_env` lets a collective wait for the other processes by default.
+#: Seconds ``init_from_env`` lets a collective wait for the other processes by default.
 DEFAULT_TIMEOUT = 600.0
 
-#: The launcher's variables :func:`init_from_env` reads (``torchrun`` sets them all).
+#: The launcher's variables ``init_from_env`` reads (``torchrun`` sets them all).
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -97,7 +97,7 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
     Args:
         timeout: seconds any collective of the group waits for the other processes before it
             raises (a dead or stuck process then ends the job instead of hanging it).
-        backend: the ``torch.distributed`` backend; default :func:`default_backend`.
+        backend: the ``torch.distributed`` backend; default ``default_backend``.
 
     Returns:
         Whether a process group is initialised now (False only without ``WORLD_SIZE``).

@@ -16,7 +16,7 @@ class ConvergenceWarning(UserWarning):
 class ConvergenceError(RuntimeError):
     """A linear solve with ``tol > 0`` failed and ``on_failure="raise"`` was requested.
 
-    The failed solve's :class:`~bilevel.SolveInfo` is available as ``error.info``.
+    The failed solve's [`SolveInfo`][bilevel.SolveInfo] is available as ``error.info``.
     """
 
     def __init__(self, message: str, info: object = None) -> None:

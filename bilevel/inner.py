@@ -1,8 +1,8 @@
-r"""Ready inner solvers for :func:`bilevel.custom_root`.
+r"""Ready inner solvers for [`custom_root`][bilevel.custom_root].
 
 Each function here is a factory: it takes the inner objective ``loss(x, *args) -> scalar``
 and a few settings, and returns ``solver(x0, *args) -> x*`` with exactly the signature
-:func:`~bilevel.custom_root` decorates:
+[`custom_root`][bilevel.custom_root] decorates:
 
 ```python
 import bilevel as bl
@@ -24,12 +24,12 @@ which is why memory does not depend on the number of steps.
 | ``lbfgs`` | ``torch.optim.LBFGS`` with a strong-Wolfe line search | no (clear error) |
 | ``scipy_minimize`` | ``scipy.optimize.minimize`` on the flattened tree | no (clear error) |
 
-Inside :func:`~bilevel.custom_root`, reverse mode (``.backward()``, ``torch.autograd.grad``,
+Inside [`custom_root`][bilevel.custom_root], reverse mode (``.backward()``, ``torch.autograd.grad``,
 ``torch.func.grad`` / ``vjp`` / ``jacrev``) runs the inner solver outside every transform, so
 all four solvers work there. ``torch.func.vmap``, ``jvp`` and ``jacfwd`` run it inside a
 transform, where only ``gradient_descent`` can work: the other three need tensors that
 require grad (``torch.optim``, autograd gradients for SciPy), which ``torch.func`` forbids,
-and they raise a :class:`RuntimeError` saying so.
+and they raise a ``RuntimeError`` saying so.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def gradient_descent(
     with ``torch.func.grad``, elsewhere with plain autograd (about ten times less overhead per
     step; the iterates are identical). The solver runs under ``torch.func.vmap`` (a batch of
     tasks or hyperparameters), ``jvp`` / ``jacfwd`` / ``jacrev`` / ``grad``, on CUDA, and inside
-    :func:`~bilevel.custom_root` where nothing it does is recorded. It converges linearly
+    [`custom_root`][bilevel.custom_root] where nothing it does is recorded. It converges linearly
     for a ``μ``-strongly convex, ``L``-smooth loss when ``0 < lr < 2/L`` (rate
     ``max(|1 − lr·μ|, |1 − lr·L|)``; Nesterov, *Lectures on Convex Optimization*, 2018,
     Thm. 2.1.15); it does not check convergence — pick ``steps`` for the accuracy the
@@ -202,7 +202,7 @@ def torch_optimizer(
     moments, never leaks between calls or tasks), and each step computes the gradient with
     ``torch.autograd.grad`` on detached ``args``: the caller's tensors are never given a
     ``.grad``. Not ``vmap``-able (optimisers update tensors in place); use
-    :func:`gradient_descent` for batched tasks.
+    ``gradient_descent`` for batched tasks.
 
     Args:
         loss: ``loss(x, *args) -> scalar tensor``.
@@ -350,7 +350,7 @@ def scipy_minimize(
         tol: SciPy's ``tol``.
         options: SciPy's ``options``, e.g. ``{"maxiter": 500, "gtol": 1e-10}``.
         bounds: SciPy's ``bounds`` on the flattened vector (for ``"L-BFGS-B"``, ``"TNC"``…).
-        raise_on_failure: raise :class:`~bilevel.ConvergenceError` (holding SciPy's
+        raise_on_failure: raise [`ConvergenceError`][bilevel.ConvergenceError] (holding SciPy's
             ``OptimizeResult`` as ``.info``) when SciPy reports ``success=False``;
             otherwise the last iterate is returned silently.
 

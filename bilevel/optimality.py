@@ -71,7 +71,7 @@ def stationarity(loss: Callable[..., torch.Tensor]) -> OptimalityFn:
 
     ``∂F/∂x`` is the Hessian of ``loss``, symmetric, so the result is marked
     ``symmetric=True``; it is positive definite at a strict local minimum, the assumption
-    under which :class:`~bilevel.CG` applies. ``loss`` must return a scalar tensor; ``x`` may
+    under which [`CG`][bilevel.CG] applies. ``loss`` must return a scalar tensor; ``x`` may
     be any tree of floating-point tensors. The gradient is taken with ``torch.func.grad``, so
     ``F`` composes with ``vmap`` and with forward- and reverse-mode differentiation.
 
@@ -220,7 +220,8 @@ def proximal_gradient(
     Args:
         f: the smooth part, ``f(x, *args) -> scalar`` (receives every argument).
         prox: ``prox(v, hyper, scale) -> tree like v``, the proximal operator of
-            ``scale · g(·, hyper)``, e.g. :func:`prox_lasso` or :func:`prox_elastic_net`.
+            ``scale · g(·, hyper)``, e.g. [`prox_lasso`][bilevel.prox_lasso] or
+            [`prox_elastic_net`][bilevel.prox_elastic_net].
         step: ``η > 0``.
         prox_hyper: how ``hyper`` is taken from ``args``: an index (``prox_hyper=0`` passes
             ``args[0]``), a callable ``(*args) -> hyper``, or ``None`` (``hyper=None``).
@@ -275,8 +276,9 @@ def projected_gradient(
     Args:
         f: the objective, ``f(x, *args) -> scalar`` (receives every argument).
         projection: ``projection(v, hyper) -> tree like v``, the Euclidean projection onto
-            ``C(hyper)``: :func:`projection_box`, :func:`projection_simplex`,
-            :func:`projection_l2_ball`, or your own.
+            ``C(hyper)``: [`projection_box`][bilevel.projection_box],
+            [`projection_simplex`][bilevel.projection_simplex],
+            [`projection_l2_ball`][bilevel.projection_l2_ball], or your own.
         step: ``η > 0``.
         proj_hyper: how ``hyper`` is taken from ``args``: an index into ``args``, a callable
             ``(*args) -> hyper``, or ``None`` (``hyper=None``: the projection's default set,

@@ -51,7 +51,7 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
 
 
 def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
-    """Inverse of :func:`tree_flatten`."""
+    """Inverse of ``tree_flatten``."""
     return pytree.tree_unflatten(list(leaves), spec)
 
 

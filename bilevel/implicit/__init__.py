@@ -1,8 +1,8 @@
 r"""Implicit differentiation of a root ``F(x*, θ) = 0`` in reverse and forward mode.
 
-One rule (:mod:`._rules`) serves eager autograd, ``torch.func`` transforms and
-``torch.compile``; :mod:`._function` binds it to an inner solver, :mod:`.diagnostics` says
-when a gradient cannot be trusted, and :mod:`._api` holds the decorators.
+One rule (``._rules``) serves eager autograd, ``torch.func`` transforms and
+``torch.compile``; ``._function`` binds it to an inner solver, ``.diagnostics`` says
+when a gradient cannot be trusted, and ``._api`` holds the decorators.
 """
 
 from ._api import custom_fixed_point, custom_root, implicit_grad

@@ -1,8 +1,8 @@
 r"""The public entry points: ``custom_root``, ``custom_fixed_point`` and ``implicit_grad``.
 
-All three build on one :class:`~bilevel.implicit._function.ImplicitFunction`, so eager
+All three build on one [`ImplicitFunction`][bilevel.ImplicitFunction], so eager
 autograd, ``torch.func`` transforms and ``torch.compile`` share one implicit rule
-(:mod:`._rules`).
+(``._rules``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def custom_root(
             checked for NaN/Inf (outside ``vmap``).
 
     Returns:
-        A decorator producing an :class:`ImplicitFunction`.
+        A decorator producing an [`ImplicitFunction`][bilevel.ImplicitFunction].
     """
     if not callable(optimality_fn):
         raise TypeError(
@@ -119,9 +119,9 @@ def custom_fixed_point(
     callback: Callable[[SolveInfo], None] | None = None,
     root_tol: float | None = None,
 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
-    r"""Like :func:`custom_root` for a fixed point ``x* = T(x*, *args)``.
+    r"""Like [`custom_root`][bilevel.custom_root] for a fixed point ``x* = T(x*, *args)``.
 
-    The optimality function is ``F = T(x, *args) − x`` (:func:`bilevel.fixed_point`); the
+    The optimality function is ``F = T(x, *args) − x`` ([`fixed_point`][bilevel.fixed_point]); the
     linear systems involve ``I − ∂T/∂x``, invertible when ``T`` is a contraction in ``x``.
     """
     return custom_root(
@@ -154,7 +154,8 @@ def implicit_grad(
 
     Args:
         inner_solver: ``inner_solver(x0, *args) -> x*``; either already decorated with
-            :func:`custom_root` / :func:`custom_fixed_point`, or plain with ``optimality_fn``.
+            [`custom_root`][bilevel.custom_root] /
+            [`custom_fixed_point`][bilevel.custom_fixed_point], or plain with ``optimality_fn``.
         outer_loss: ``outer_loss(x*, *args) -> scalar tensor``.
         optimality_fn: ``F(x, *args)``; required unless ``inner_solver`` is decorated.
         solver: linear solver; overrides the decorated function's when given.

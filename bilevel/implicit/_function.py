@@ -1,7 +1,7 @@
-"""The autograd binding: one ``torch.autograd.Function`` per :class:`ImplicitFunction`.
+"""The autograd binding: one ``torch.autograd.Function`` per ``ImplicitFunction``.
 
 The binding turns an inner solver into a differentiable ``x*(θ)`` by attaching the rules of
-:mod:`._rules` to it. Only tensors (and one frozen, never-mutated :class:`_Signature`) go
+``._rules`` to it. Only tensors (and one frozen, never-mutated ``_Signature``) go
 through ``apply``; the configuration (optimality condition, linear solver, policy) lives on
 the class, built once per implicit function. It has ``setup_context``, a backward, a
 forward-mode rule and a generated ``vmap`` rule, so ``.backward()``,
@@ -23,7 +23,7 @@ vmap`` all see ``x*(θ)`` while the inner iterations are never recorded.
 * With no transform active (``.backward()`` on a compiled function) AOTAutograd builds the
   backward, which keeps no hook on an intermediate tensor — the hook form would give a zero
   gradient without an error — so the call runs eagerly through a graph break
-  (:func:`_outside_graph`) and the binding's own backward applies; ``fullgraph=True``
+  (``_outside_graph``) and the binding's own backward applies; ``fullgraph=True``
   refuses that break loudly.
 """
 

@@ -4,12 +4,12 @@ With ``A = ∂F/∂x`` and ``B = ∂F/∂θ`` at ``(x*, θ)`` the implicit funct
 ``∂x*/∂θ = −A⁻¹B`` (Krantz & Parks, *The Implicit Function Theorem*, 2002; Blondel et al.,
 "Efficient and Modular Implicit Differentiation", NeurIPS 2022). Neither matrix is formed:
 
-* reverse mode (:func:`vjp_rule`): for a cotangent ``v`` on ``x*`` solve ``Aᵀu = v``; the
+* reverse mode (``vjp_rule``): for a cotangent ``v`` on ``x*`` solve ``Aᵀu = v``; the
   cotangent on θ is ``−Bᵀu``.
-* forward mode (:func:`jvp_rule`): for a tangent ``t`` on θ solve ``A s = −B t``; ``s`` is
+* forward mode (``jvp_rule``): for a tangent ``t`` on θ solve ``A s = −B t``; ``s`` is
   the tangent of ``x*``.
 
-Both go through :func:`linearise`, the one place that decides how products with ``A``,
+Both go through ``linearise``, the one place that decides how products with ``A``,
 ``Aᵀ`` and ``Bᵀ`` are computed: by replaying one recorded autograd graph (untransformed
 inputs, no ``create_graph``: cheapest, and host-side solvers work), or through
 ``torch.func.vjp`` closures (under ``torch.func`` transforms, with ``create_graph`` and while

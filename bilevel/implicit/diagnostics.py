@@ -3,7 +3,7 @@
 The implicit function theorem differentiates a *root*, through a *linear solve*. Either can
 fail without a sign in the numbers: the inner solver returns NaN or a point that is not a
 root, the linear solve diverges or breaks down, the cotangent is NaN, or θ never enters the
-optimality condition (so its gradient is identically zero). :class:`Diagnosed` holds the
+optimality condition (so its gradient is identically zero). ``Diagnosed`` holds the
 policy (``on_failure``, ``callback``, ``root_tol``) and turns each of these into one message
 that names the cause and the fix. Every check reads the host at most once, and none runs
 under ``vmap`` or while ``torch.compile`` traces (nothing can be read on the host there).

@@ -6,8 +6,8 @@ A linear solver solves ``(A + ridge·I) x = b`` for a matrix-free ``A`` given as
     x, info = solver(matvec, b, x0=None, rmatvec=None)
 
 ``b``, ``x0`` and ``x`` are trees; ``matvec`` maps a tree to a tree of the same structure.
-Subclasses implement :meth:`LinearSolver._solve` on an already validated
-:class:`LinearProblem`; this module owns argument checking, ridge, the trivial cases and the
+Subclasses implement ``LinearSolver._solve`` on an already validated
+``LinearProblem``; this module owns argument checking, ridge, the trivial cases and the
 two stopping regimes:
 
 * **adaptive** (``tol > 0`` or ``atol > 0``): stop once ``‖b − A x‖ ≤ max(tol·‖b‖, atol)``; the
@@ -18,7 +18,7 @@ two stopping regimes:
   failure, but divergence is: when the final residual is non-finite or above ``‖b‖`` the
   solve is *diverged* and returns ``x = 0`` instead, so the returned residual never exceeds
   ``‖b‖``. Every field is a 0-d tensor computed without a
-  host sync; :attr:`SolveInfo.failed` reads them once, at the end.
+  host sync; ``SolveInfo.failed`` reads them once, at the end.
 
 A non-finite ``b`` (e.g. a NaN cotangent) is reported as ``reason="nonfinite"`` with
 ``stats["nonfinite_input"]`` true (``info.outcome == "nonfinite_input"``) and gives a NaN
@@ -128,7 +128,7 @@ class SolveInfo:
 
 @dataclasses.dataclass(frozen=True)
 class LinearProblem:
-    """A validated system ``(A + ridge·I) x = b`` handed to :meth:`LinearSolver._solve`.
+    """A validated system ``(A + ridge·I) x = b`` handed to ``LinearSolver._solve``.
 
     ``matvec`` and ``rmatvec`` already include the ridge term; ``rmatvec`` is ``None`` when
     the caller did not give one. ``x0`` is ``None`` for a zero initial guess.
