@@ -8,33 +8,25 @@ import numpy as np
 import pytest
 import torch
 from _references import F64, Ridge, central_fd, newton_logistic, rel_err
+from _solvers import SolverCase, solvers
 
 import bilevel as bl
 
 
-def _solver(name: str) -> bl.LinearSolver:
-    """The linear solvers of the ridge matrix; skip only if the class does not exist yet."""
-    cls = getattr(bl, name, None)
-    if cls is None:
-        pytest.skip(f"bl.{name} is not available yet")
-    if name == "CG":
-        return cls(tol=1e-12, maxiter=200)
-    if name == "SciPy":
-        return cls("cg", tol=1e-12, maxiter=200)
-    if name == "GMRES":
-        return cls(tol=1e-12, maxiter=200)
-    return cls()
+def _ridge_solver(case: SolverCase) -> bl.LinearSolver:
+    """A row configured for the ridge Hessians below (d ≤ 8, well conditioned)."""
+    return case(tol=1e-12, maxiter=200)
 
 
 # --- ridge: closed form, every linear solver, every AD entry point -------------------------
 
 
-@pytest.mark.parametrize("solver_name", ["CG", "Dense", "SciPy", "GMRES"])
+@pytest.mark.parametrize("case", solvers())
 @pytest.mark.parametrize("hand_written", [False, True], ids=["stationarity", "gradient"])
-def test_ridge_hypergradient_matches_closed_form(solver_name: str, hand_written: bool) -> None:
+def test_ridge_hypergradient_matches_closed_form(case: SolverCase, hand_written: bool) -> None:
     p = Ridge.make(d=8, seed=1)
     F = Ridge.gradient if hand_written else bl.stationarity(Ridge.inner_loss)
-    solve = bl.custom_root(F, solver=_solver(solver_name), symmetric=True)(p.closed_form_inner)
+    solve = bl.custom_root(F, solver=_ridge_solver(case), symmetric=True)(p.closed_form_inner)
     lam = p.lam.clone().requires_grad_(True)
     p.outer_loss(solve(torch.zeros(8, dtype=F64), lam, p.X, p.y)).backward()
     assert rel_err(lam.grad, p.closed_form()) <= 1e-6
@@ -80,12 +72,13 @@ def test_every_autodiff_entry_point_agrees_with_closed_form() -> None:
         assert rel_err(value, ref) <= 1e-9, name
 
 
-def test_implicit_grad_with_a_host_side_linear_solver() -> None:
+@pytest.mark.parametrize("case", solvers("host"))
+def test_implicit_grad_with_a_host_side_linear_solver(case: SolverCase) -> None:
     # bl.SciPy cannot run under torch.func transforms; implicit_grad uses plain autograd
     # when its inputs are not transformed, so the SciPy bridge works there.
     p = Ridge.make(d=6, seed=17)
     solve = bl.custom_root(
-        bl.stationarity(Ridge.inner_loss), solver=_solver("SciPy"), symmetric=True
+        bl.stationarity(Ridge.inner_loss), solver=_ridge_solver(case), symmetric=True
     )(p.closed_form_inner)
     value, grads = bl.implicit_grad(solve, p.outer_loss, argnums=0)(
         torch.zeros(6, dtype=F64), *p.args()
@@ -627,13 +620,18 @@ def test_cuda_end_to_end() -> None:
     assert torch.allclose(bl.projection_simplex(xs).sum(-1).cpu(), torch.ones(4, dtype=F64))
 
 
-@pytest.mark.parametrize(
-    "solver",
-    [bl.CG(tol=1e-12, maxiter=100), bl.CG(tol=0, maxiter=12), bl.Dense(), bl.GMRES(tol=1e-12)],
-    ids=["cg-adaptive", "cg-fixed", "dense", "gmres"],
-)
-def test_second_order_hessian_of_outer_loss_matches_closed_form(solver: bl.LinearSolver) -> None:
+# The host bridge's result is detached: nothing to differentiate a second time.
+@pytest.mark.parametrize("case", solvers(exclude=("host",)))
+def test_second_order_hessian_of_outer_loss_matches_closed_form(case: SolverCase) -> None:
     """Differentiating the backward rule itself (Hessian in θ) through any solver."""
+    tol = 1e-13 if "indirect_tol" in case.tags else 1e-12
+    if "needs_contraction" in case.tags:
+        maxiter = 200  # κ ≈ 5 here: the series' rate is about 1 − 1/κ
+    elif "fixed_k" in case.tags:
+        maxiter = 12
+    else:
+        maxiter = 100
+    solver = case(tol=tol, maxiter=maxiter)
     torch.manual_seed(3)
     n, d = 30, 5
     X, y = torch.randn(n, d, dtype=F64), torch.randn(n, dtype=F64)

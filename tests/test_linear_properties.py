@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from _solvers import SolverCase, cases, solvers
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import vmap
@@ -59,39 +60,46 @@ class Counted:
 
 # -- convergence on random systems ----------------------------------------------------------
 
-SPD_SOLVERS = {
-    "cg": lambda n: bl.CG(tol=1e-12, maxiter=20 * n + 50),
-    "scipy_minres": lambda n: bl.SciPy("minres", tol=1e-13, maxiter=20 * n + 50),
-    "dense_lu": lambda n: bl.Dense(),
-    "dense_cholesky": lambda n: bl.Dense(positive_definite=True),
-}
+
+def _tight(case: SolverCase, tol: float) -> float:
+    """``tol`` in terms of ``‖b − A x‖ / ‖b‖``: ten times tighter for an indirect test."""
+    return tol / 10 if "indirect_tol" in case.tags else tol
 
 
-@pytest.mark.parametrize("name", list(SPD_SOLVERS))
+# κ up to 1e4 and tol = 1e-12, near the rounding floor κ·ε: not for a solver that squares
+# κ, converges only linearly, or ends at an invariant space whatever the residual.
+SPD_EXCLUDED = ("fixed_k", "squares_condition", "needs_contraction", "ends_at_invariant_space")
+
+
+@pytest.mark.parametrize("case", solvers(exclude=SPD_EXCLUDED))
 @given(n=sizes, log_condition=st.floats(0.0, 4.0), seed=seeds)
-def test_random_spd(name: str, n: int, log_condition: float, seed: int) -> None:
+def test_random_spd(case: SolverCase, n: int, log_condition: float, seed: int) -> None:
     a, b = random_spd(n, 10**log_condition, seed), random_vector(n, seed)
-    x, info = SPD_SOLVERS[name](n)(lambda v: a @ v, b)
+    x, info = case(tol=_tight(case, 1e-12), maxiter=20 * n + 50)(lambda v: a @ v, b)
     assert info.converged, info
     # Forward error ≤ κ · relative residual.
     assert relative_error(x, torch.linalg.solve(a, b)) <= 1e-12 * 10**log_condition * 100
 
 
-NONSYMMETRIC_SOLVERS = {
-    "gmres": lambda n: bl.GMRES(tol=1e-12, maxiter=200, restart=min(n, 5)),
-    "normal_cg": lambda n: bl.NormalCG(tol=1e-13, maxiter=20 * n + 50),
-    "normal_cg_rmatvec": lambda n: bl.NormalCG(tol=1e-13, maxiter=20 * n + 50),
-    "scipy_gmres": lambda n: bl.SciPy("gmres", tol=1e-12, maxiter=100),
-    "scipy_bicgstab": lambda n: bl.SciPy("bicgstab", tol=1e-12, maxiter=20 * n + 50),
-}
+# Neumann's own test is below: its step size is chosen there from the spectrum.
+NONSYMMETRIC = cases("handles_nonsymmetric", exclude=("fixed_k", "needs_contraction"))
 
 
-@pytest.mark.parametrize("name", list(NONSYMMETRIC_SOLVERS))
+@pytest.mark.parametrize(
+    ("case", "with_rmatvec"),
+    [pytest.param(c, False, id=c.name) for c in NONSYMMETRIC]
+    + [
+        pytest.param(c, True, id=f"{c.name}_rmatvec")
+        for c in NONSYMMETRIC
+        if "uses_rmatvec" in c.tags
+    ],
+)
 @given(n=sizes, seed=seeds)
-def test_random_nonsymmetric(name: str, n: int, seed: int) -> None:
+def test_random_nonsymmetric(case: SolverCase, with_rmatvec: bool, n: int, seed: int) -> None:
     a, b = random_nonsymmetric(n, seed), random_vector(n, seed)
-    rmatvec = (lambda u: a.T @ u) if name.endswith("rmatvec") else None
-    x, info = NONSYMMETRIC_SOLVERS[name](n)(lambda v: a @ v, b, rmatvec=rmatvec)
+    rmatvec = (lambda u: a.T @ u) if with_rmatvec else None
+    solver = case(tol=_tight(case, 1e-12), maxiter=20 * n + 50, restart=min(n, 5))
+    x, info = solver(lambda v: a @ v, b, rmatvec=rmatvec)
     assert info.converged, info
     assert relative_error(x, torch.linalg.solve(a, b)) <= 1e-8
 
@@ -141,47 +149,53 @@ def test_neumann_negative_alpha_solves_fixed_point_systems(
 # -- fixed-K mode ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("case", solvers("fixed_k"))
 @given(n=sizes, k=st.integers(0, 15), restart=st.integers(1, 6), seed=seeds)
-def test_fixed_k_performs_exactly_k_matvecs(n: int, k: int, restart: int, seed: int) -> None:
+def test_fixed_k_performs_exactly_k_matvecs(
+    case: SolverCase, n: int, k: int, restart: int, seed: int
+) -> None:
     a, b = random_nonsymmetric(n, seed), random_vector(n, seed)
-    for solver, extra in (
-        (bl.CG(tol=0, maxiter=k), 0),
-        (bl.Neumann(steps=k, alpha=0.1), 0),
-        (bl.Neumann(steps=k, power_iterations=3), 3),  # the step-size estimate's matvecs
-        (bl.GMRES(tol=0, maxiter=k, restart=restart), 0),
-    ):
-        matvec = Counted(a)
-        _, info = solver(matvec, b)
-        assert matvec.calls == k + extra, solver
+    # A given step size costs nothing; Neumann's estimate costs its power iterations.
+    for solver in {
+        repr(s): s
+        for s in (
+            case(maxiter=k, restart=restart, alpha=0.1),
+            case(maxiter=k, restart=restart, power_iterations=3),
+        )
+    }.values():
+        extra = 3 if getattr(solver, "alpha", 0.1) is None else 0
+        matvec, rmatvec = Counted(a), Counted(a.T)
+        _, info = solver(matvec, b, rmatvec=rmatvec)
         assert info.iterations == k and info.reason == "fixed_iterations"
-    # NormalCG: k products with A and with Aᵀ, plus Aᵀb and the final true residual.
-    matvec, rmatvec = Counted(a), Counted(a.T)
-    _, info = bl.NormalCG(tol=0, maxiter=k)(matvec, b, rmatvec=rmatvec)
-    assert (matvec.calls, rmatvec.calls) == (k + 1, k + 1)
-    assert (info.stats["matvecs"], info.stats["rmatvecs"]) == (k + 1, k + 1)
+        if "uses_rmatvec" in case.tags:
+            # k products with A and with Aᵀ, plus Aᵀb and the final true residual.
+            assert (matvec.calls, rmatvec.calls) == (k + 1, k + 1)
+            assert (info.stats["matvecs"], info.stats["rmatvecs"]) == (k + 1, k + 1)
+        else:
+            assert (matvec.calls, rmatvec.calls) == (k + extra, 0), solver
 
 
-BATCHED_SOLVERS: dict[str, Callable[[int], bl.LinearSolver]] = {
-    "cg": lambda n: bl.CG(tol=0, maxiter=n),
-    "gmres": lambda n: bl.GMRES(tol=0, maxiter=n + 2, restart=max(1, n // 2 + 1)),
-    "neumann": lambda n: bl.Neumann(steps=30, alpha=0.5),
-    "normal_cg": lambda n: bl.NormalCG(tol=0, maxiter=n),
-    "dense": lambda n: bl.Dense(),
-}
+def _batched(case: SolverCase, n: int, steps: int = 30) -> bl.LinearSolver:
+    """A vmappable row configured for an n-dim SPD system with eigenvalues in [1, 4]."""
+    maxiter = steps if "needs_contraction" in case.tags else n + 2
+    return case(maxiter=maxiter, restart=max(1, n // 2 + 1), alpha=0.4)
 
 
-@pytest.mark.parametrize("name", list(BATCHED_SOLVERS))
+@pytest.mark.parametrize("case", solvers("vmappable"))
 @given(n=sizes, batch=st.integers(1, 4), seed=seeds)
-def test_vmap_over_right_hand_sides_equals_loop(name: str, n: int, batch: int, seed: int) -> None:
-    a = random_spd(n, 3.0, seed)  # SPD suits every solver in the list
+def test_vmap_over_right_hand_sides_equals_loop(
+    case: SolverCase, n: int, batch: int, seed: int
+) -> None:
+    a = random_spd(n, 3.0, seed)  # SPD suits every solver
     bs = random_vector(n, seed, batch)
-    solver = BATCHED_SOLVERS[name](n)
+    solver = _batched(case, n)
     batched = vmap(lambda b: solver(lambda v: a @ v, b)[0])(bs)
     looped = torch.stack([solver(lambda v: a @ v, b)[0] for b in bs])
     torch.testing.assert_close(batched, looped, rtol=1e-9, atol=1e-11)
 
 
-def test_vmap_over_matrices_and_trees() -> None:
+@pytest.mark.parametrize("case", solvers("vmappable"))
+def test_vmap_over_matrices_and_trees(case: SolverCase) -> None:
     """vmap over a batch of operators, with a dict tree, for every vmappable solver."""
     a = torch.stack([random_spd(5, 4.0, s) for s in range(3)])
     bs = {"u": random_vector(3, 7, 3), "v": random_vector(2, 8, 3)}
@@ -194,78 +208,62 @@ def test_vmap_over_matrices_and_trees() -> None:
         return matvec
 
     reference = torch.linalg.solve(a, torch.cat([bs["u"], bs["v"]], -1))
-    for name, make in BATCHED_SOLVERS.items():
-        solver = bl.Neumann(steps=200, alpha=0.4) if name == "neumann" else make(8)
-        x = vmap(lambda a_i, b, s=solver: s(split(a_i), b)[0])(a, bs)
-        torch.testing.assert_close(torch.cat([x["u"], x["v"]], -1), reference, msg=name)
+    solver = _batched(case, 8, steps=200)
+    x = vmap(lambda a_i, b: solver(split(a_i), b)[0])(a, bs)
+    torch.testing.assert_close(torch.cat([x["u"], x["v"]], -1), reference)
 
 
 # -- ridge, warm start, 0-d, zero and non-finite right-hand sides -----------------------------
 
-ALL_SOLVERS: dict[str, Callable[[], bl.LinearSolver]] = {
-    "cg": lambda: bl.CG(tol=1e-12),
-    "cg_fixed": lambda: bl.CG(tol=0, maxiter=30),
-    "neumann": lambda: bl.Neumann(steps=400, alpha=0.3),
-    "neumann_adaptive": lambda: bl.Neumann(steps=400, alpha=0.3, tol=1e-12),
-    "gmres": lambda: bl.GMRES(tol=1e-12, restart=4),
-    "gmres_fixed": lambda: bl.GMRES(tol=0, maxiter=30, restart=4),
-    "normal_cg": lambda: bl.NormalCG(tol=1e-13),
-    "normal_cg_fixed": lambda: bl.NormalCG(tol=0, maxiter=40),
-    "dense": lambda: bl.Dense(),
-    "dense_cholesky": lambda: bl.Dense(positive_definite=True),
-    **{f"scipy_{m}": (lambda m=m: bl.SciPy(m, tol=1e-12)) for m in bl.linear.scipy_bridge.METHODS},
-}
-ADAPTIVE = [name for name in ALL_SOLVERS if "fixed" not in name and name != "neumann"]
+
+def _configure(case: SolverCase, **changes: Any) -> bl.LinearSolver:
+    """A row configured for the small SPD systems below (eigenvalues in [0.5, 5])."""
+    if "needs_contraction" in case.tags:
+        maxiter = 400
+    elif "fixed_k" in case.tags:
+        maxiter = 40
+    else:
+        maxiter = 100
+    settings = {"tol": _tight(case, 1e-12), "maxiter": maxiter, "restart": 4, "alpha": 0.3}
+    return case(**{**settings, **changes})
 
 
-def _with(solver: bl.LinearSolver, **changes: Any) -> bl.LinearSolver:
-    kwargs = {k: v for k, v in vars(solver).items() if k not in ("options",)}
-    if isinstance(solver, bl.Dense):
-        kwargs = {"positive_definite": solver.positive_definite, "ridge": solver.ridge}
-    elif isinstance(solver, bl.Neumann):
-        kwargs["steps"] = kwargs.pop("maxiter")
-    elif isinstance(solver, bl.SciPy):
-        kwargs.update(solver.options)
-    kwargs.update(changes)
-    return type(solver)(**kwargs)
-
-
-@pytest.mark.parametrize("name", list(ALL_SOLVERS))
-def test_ridge(name: str) -> None:
+@pytest.mark.parametrize("case", solvers())
+def test_ridge(case: SolverCase) -> None:
     a = random_spd(6, 5.0, 11) - 0.5 * torch.eye(6, dtype=F64)  # eigenvalues in [0.5, 4.5]
     b = random_vector(6, 11)
-    solver = _with(ALL_SOLVERS[name](), ridge=0.5)
+    solver = _configure(case, ridge=0.5)
     x, info = solver(lambda v: a @ v, b)
     assert bool(info.converged), info
     reference = torch.linalg.solve(a + 0.5 * torch.eye(6, dtype=F64), b)
     assert relative_error(x, reference) <= 1e-8
 
 
-@pytest.mark.parametrize("name", list(ALL_SOLVERS))
-def test_warm_start(name: str) -> None:
+@pytest.mark.parametrize("case", solvers())
+def test_warm_start(case: SolverCase) -> None:
     a, b = random_spd(6, 5.0, 12), random_vector(6, 12)
     reference = torch.linalg.solve(a, b)
-    solver = ALL_SOLVERS[name]()
+    solver = _configure(case)
     x, info = solver(lambda v: a @ v, b, x0=reference + 1e-3)
     assert bool(info.converged), info
     assert relative_error(x, reference) <= 1e-8
-    if name in ADAPTIVE and not name.startswith("dense"):
+    if "adaptive" in case.tags:
         # Starting at the solution: nothing (or almost nothing) left to do.
         _, cold = solver(lambda v: a @ v, b)
         _, warm = solver(lambda v: a @ v, b, x0=reference)
         assert warm.iterations <= max(1, cold.iterations // 2), (warm, cold)
 
 
-@pytest.mark.parametrize("name", list(ALL_SOLVERS))
-def test_zero_dimensional_b(name: str) -> None:
+@pytest.mark.parametrize("case", solvers())
+def test_zero_dimensional_b(case: SolverCase) -> None:
     b = torch.tensor(1.5, dtype=F64)
-    x, info = ALL_SOLVERS[name]()(lambda v: 3.0 * v, b)
+    x, info = _configure(case)(lambda v: 3.0 * v, b)
     assert x.shape == () and bool(info.converged), info
     torch.testing.assert_close(x, torch.tensor(0.5, dtype=F64))
 
 
-@pytest.mark.parametrize("name", ADAPTIVE)
-def test_zero_b_returns_zero_without_iterating(name: str) -> None:
+@pytest.mark.parametrize("case", solvers(exclude=("fixed_k",)))
+def test_zero_b_returns_zero_without_iterating(case: SolverCase) -> None:
     a = random_spd(4, 3.0, 13)
     b = {"p": torch.zeros(3, dtype=F64), "q": torch.zeros((), dtype=F64)}
 
@@ -273,20 +271,20 @@ def test_zero_b_returns_zero_without_iterating(name: str) -> None:
         out = a @ torch.cat([t["p"], t["q"][None]])
         return {"p": out[:3], "q": out[3]}
 
-    x, info = ALL_SOLVERS[name]()(matvec, b, x0={"p": torch.ones(3, dtype=F64), "q": b["q"]})
+    x, info = _configure(case)(matvec, b, x0={"p": torch.ones(3, dtype=F64), "q": b["q"]})
     assert info.converged is True and info.iterations == 0 and info.reason == "converged"
     assert all(bool((leaf == 0).all()) for leaf in x.values())
 
 
-@pytest.mark.parametrize("name", list(ALL_SOLVERS))
+@pytest.mark.parametrize("case", solvers())
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_b_never_converged(name: str, bad: float) -> None:
+def test_nonfinite_b_never_converged(case: SolverCase, bad: float) -> None:
     a = random_spd(4, 3.0, 14)
     b = random_vector(4, 14)
     b[2] = bad
-    _, info = ALL_SOLVERS[name]()(lambda v: a @ v, b)
+    _, info = _configure(case)(lambda v: a @ v, b)
     assert not bool(info.converged), info
-    if name in ADAPTIVE:
+    if "fixed_k" not in case.tags:
         assert info.reason == "nonfinite" and info.failed
 
 
@@ -325,46 +323,29 @@ def test_cg_fixed_k_takes_and_counts_negative_curvature_steps() -> None:
     assert info.reason == "fixed_iterations" and not info.failed
 
 
-def test_fixed_k_stays_finite_after_exact_convergence() -> None:
+@pytest.mark.parametrize("case", solvers("vmappable"))
+def test_fixed_k_stays_finite_after_exact_convergence(case: SolverCase) -> None:
     a = torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=F64))  # one step solves it exactly
     b = torch.ones(3, dtype=F64)
-    for solver in (
-        bl.CG(tol=0, maxiter=10),
-        bl.GMRES(tol=0, maxiter=10, restart=3),
-        bl.NormalCG(tol=0, maxiter=10),
-        bl.Neumann(steps=10, alpha=0.5),
-    ):
-        x, info = solver(lambda v: a @ v, b)
-        torch.testing.assert_close(x, b / 2, msg=str(solver))
-        assert bool(info.converged) and torch.isfinite(info.residual_norm)
+    solver = case(maxiter=10, restart=3, alpha=0.5)
+    x, info = solver(lambda v: a @ v, b)
+    torch.testing.assert_close(x, b / 2)
+    assert bool(info.converged) and torch.isfinite(torch.as_tensor(info.residual_norm))
 
 
-@pytest.mark.parametrize("name", list(ALL_SOLVERS))
-def test_matvec_that_returns_its_input(name: str) -> None:
+@pytest.mark.parametrize("case", solvers())
+def test_matvec_that_returns_its_input(case: SolverCase) -> None:
     """The identity operator aliases its input: no solver may be confused by that."""
     b = {"u": random_vector(5, 15), "v": random_vector(3, 16)}
-    solver = ALL_SOLVERS[name]()
-    if isinstance(solver, bl.Neumann):
-        solver = bl.Neumann(steps=60, alpha=0.5)
-    x, info = solver(lambda v: v, b)
+    x, info = _configure(case)(lambda v: v, b)
     assert bool(info.converged), info
     torch.testing.assert_close(x, b)
 
 
-DIFFERENTIABLE = {
-    "cg_fixed": lambda: bl.CG(tol=0, maxiter=8),
-    "gmres_fixed": lambda: bl.GMRES(tol=0, maxiter=8, restart=4),
-    "neumann": lambda: bl.Neumann(steps=200, alpha=0.3),
-    "normal_cg_fixed": lambda: bl.NormalCG(tol=0, maxiter=12),
-    "dense": lambda: bl.Dense(),
-    "dense_cholesky": lambda: bl.Dense(positive_definite=True),
-}
-
-
-@pytest.mark.parametrize("name", list(DIFFERENTIABLE))
-def test_fixed_k_solvers_are_differentiable(name: str) -> None:
+@pytest.mark.parametrize("case", solvers("vmappable"))
+def test_fixed_k_solvers_are_differentiable(case: SolverCase) -> None:
     """Reverse and forward mode through a solve give A⁻¹ (also after exact convergence)."""
-    solver = DIFFERENTIABLE[name]()
+    solver = case(maxiter=200 if "needs_contraction" in case.tags else 12, restart=4, alpha=0.3)
     b = random_vector(4, 17)
     # A random SPD matrix, and 2·I, where one step solves exactly and every later step
     # meets a vanishing direction (p = 0, or GMRES's lucky breakdown).

@@ -1,7 +1,8 @@
 """The shared test matrix: every linear solver × operator structure × dtype.
 
 References come from ``torch.linalg.solve`` on an explicitly built matrix, never from the
-code under test. Adding a solver means adding one row to ``SOLVERS``.
+code under test. The solvers are every row of ``tests/_solvers.py``: adding a solver means
+adding one row there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from _solvers import MODES, SOLVERS, TAGS, SolverCase, solvers
 
 import bilevel as bl
 
@@ -74,7 +76,7 @@ def diagonal_operator(dtype: torch.dtype) -> Operator:
 
 OPERATORS = {"dense": dense_operator, "block_dict": block_operator, "diagonal": diagonal_operator}
 
-# -- solvers: (factory(operator, dtype) -> solver, needs rmatvec) --------------------------
+# -- solvers: every row of tests/_solvers.py, configured for the operator and dtype ------
 
 
 def _tol(dtype: torch.dtype) -> float:
@@ -86,32 +88,24 @@ def _jacobi(op: Operator) -> Callable[[Any], Any]:
     return lambda r: bl.tree.tree_map(torch.mul, inverse, r)
 
 
-SOLVERS: dict[str, Callable[[Operator, torch.dtype], bl.LinearSolver]] = {
-    "cg": lambda op, dt: bl.CG(tol=_tol(dt), maxiter=200),
-    "cg_jacobi": lambda op, dt: bl.CG(tol=_tol(dt), maxiter=200, preconditioner=_jacobi(op)),
-    "cg_fixed": lambda op, dt: bl.CG(tol=0, maxiter=40),
-    "neumann": lambda op, dt: bl.Neumann(steps=80, alpha=2.0 / (op.lam_min + op.lam_max)),
-    "gmres": lambda op, dt: bl.GMRES(tol=_tol(dt), maxiter=200, restart=8),
-    "gmres_fixed": lambda op, dt: bl.GMRES(tol=0, maxiter=40, restart=8),
-    "minres": lambda op, dt: bl.MINRES(tol=_tol(dt), maxiter=200),
-    "minres_fixed": lambda op, dt: bl.MINRES(tol=0, maxiter=40),
-    "normal_cg": lambda op, dt: bl.NormalCG(tol=_tol(dt) / 10, maxiter=200),
-    "dense_lu": lambda op, dt: bl.Dense(),
-    "dense_cholesky": lambda op, dt: bl.Dense(positive_definite=True),
-    "scipy_cg": lambda op, dt: bl.SciPy("cg", tol=_tol(dt), maxiter=200),
-    "scipy_minres": lambda op, dt: bl.SciPy("minres", tol=_tol(dt), maxiter=200),
-    "scipy_gmres": lambda op, dt: bl.SciPy("gmres", tol=_tol(dt), maxiter=50),
-    "scipy_bicgstab": lambda op, dt: bl.SciPy("bicgstab", tol=_tol(dt), maxiter=200),
-    "scipy_lgmres": lambda op, dt: bl.SciPy("lgmres", tol=_tol(dt), maxiter=50),
-}
+def _configure(case: SolverCase, op: Operator, dtype: torch.dtype) -> bl.LinearSolver:
+    tol = _tol(dtype) / 10 if "indirect_tol" in case.tags else _tol(dtype)
+    extra = {"preconditioner": _jacobi(op)} if "preconditioned" in case.tags else {}
+    return case(
+        tol=tol,
+        maxiter=80 if "fixed_k" in case.tags else 200,
+        restart=8,
+        alpha=2.0 / (op.lam_min + op.lam_max),  # Neumann's optimal step on [λ_min, λ_max]
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("operator", list(OPERATORS))
-@pytest.mark.parametrize("solver", list(SOLVERS))
-def test_solver_matches_linalg_solve(solver: str, operator: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case", solvers())
+def test_solver_matches_linalg_solve(case: SolverCase, operator: str, dtype: torch.dtype) -> None:
     op = OPERATORS[operator](dtype)
-    x, info = SOLVERS[solver](op, dtype)(op.matvec, op.b)
+    x, info = _configure(case, op, dtype)(op.matvec, op.b)
 
     reference = torch.linalg.solve(op.matrix.double(), op.ravel(op.b).double())
     # Same tree structure, shapes and dtypes as b.
@@ -131,3 +125,40 @@ def test_solver_matches_linalg_solve(solver: str, operator: str, dtype: torch.dt
     slack = 1e-8 if dtype == torch.float64 else 1e-4
     b_norm = float(torch.linalg.vector_norm(op.ravel(op.b).double()))
     assert abs(float(info.residual_norm) - float(true_residual)) <= slack * b_norm * 10
+
+
+# -- the solver list itself ------------------------------------------------------------------
+
+
+def _public_solver_classes() -> set[type]:
+    exported = {getattr(bl, name) for name in bl.__all__}
+    exported |= {getattr(bl.linear, name) for name in bl.linear.__all__}
+    return {
+        obj
+        for obj in exported
+        if isinstance(obj, type)
+        and issubclass(obj, bl.LinearSolver)
+        and obj is not bl.LinearSolver
+        and not obj.__name__.startswith("_")
+    }
+
+
+def test_every_exported_solver_has_a_row() -> None:
+    """A public solver class without a row in tests/_solvers.py would escape every test."""
+    listed = {type(case()) for case in SOLVERS}
+    missing = sorted(cls.__name__ for cls in _public_solver_classes() - listed)
+    assert not missing, f"add a row to tests/_solvers.py for {missing}"
+
+
+def test_solver_rows_are_well_formed() -> None:
+    names = [case.name for case in SOLVERS]
+    assert len(names) == len(set(names)), names
+    for case in SOLVERS:
+        solver = case()
+        assert type(solver) is case.cls, case
+        assert case.tags <= TAGS, case.tags - TAGS
+        assert len(case.tags & MODES) == 1, (case, case.tags & MODES)
+        assert solver.fixed_iterations == ("adaptive" not in case.tags), case
+        assert ("fixed_k" in case.tags) <= case(tol=1e-3).fixed_iterations, case
+        if "host" in case.tags:
+            assert "vmappable" not in case.tags, case

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from _references import Ridge, rel_err
+from _solvers import SolverCase, solvers
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -45,20 +46,17 @@ def _deq(solver: bl.LinearSolver, m: torch.Tensor) -> bl.ImplicitFunction:
     return solve
 
 
-NORMAL_CG = {
-    "adaptive": lambda: bl.NormalCG(tol=1e-12, maxiter=200),
-    "fixed": lambda: bl.NormalCG(tol=0, maxiter=40),
-}
-
-
-@pytest.mark.parametrize("mode", list(NORMAL_CG))
+@pytest.mark.parametrize("case", solvers("uses_rmatvec"))
 @pytest.mark.parametrize("entry", ["backward", "autograd.grad", "func.grad", "vmap"])
-def test_normal_cg_hypergradient_is_right_through_every_entry_point(mode: str, entry: str) -> None:
+def test_normal_cg_hypergradient_is_right_through_every_entry_point(
+    case: SolverCase, entry: str
+) -> None:
+    """Every solver that applies Aᵀ (NormalCG) gets it right through every entry point."""
     m, theta, c = _fixed_point_problem()
     # x* = (I − M)⁻¹θ, so d(cᵀx*)/dθ = (I − M)⁻ᵀc: a dense solve written here.
     reference = torch.linalg.solve((torch.eye(5, dtype=F64) - m).T, c)
-    solver = NORMAL_CG[mode]()
-    if entry == "vmap" and mode == "adaptive":
+    solver = case(tol=1e-12, maxiter=40 if "fixed_k" in case.tags else 200)
+    if entry == "vmap" and "vmappable" not in case.tags:
         pytest.skip("adaptive solvers refuse vmap by design (tested elsewhere)")
     solve = _deq(solver, m)
     x0 = torch.zeros(5, dtype=F64)
@@ -141,21 +139,15 @@ def test_fixed_k_cg_converges_on_an_imaml_like_indefinite_matrix() -> None:
     assert errors[100] <= 1e-10 and errors[20] < errors[5] < 1.0, errors
 
 
-def _fixed_k_solvers(n: int) -> dict[str, bl.LinearSolver]:
-    solvers = {
-        "cg": bl.CG(tol=0, maxiter=n),
-        "cg_short": bl.CG(tol=0, maxiter=max(1, n // 3)),
-        "gmres": bl.GMRES(tol=0, maxiter=n, restart=max(1, n // 2)),
-        "normal_cg": bl.NormalCG(tol=0, maxiter=n),
-        "neumann_default_alpha": bl.Neumann(steps=3 * n),
-        "neumann_alpha_1": bl.Neumann(steps=3 * n, alpha=1.0),
-        "dense": bl.Dense(),
-    }
-    if hasattr(bl, "MINRES"):
-        solvers["minres"] = bl.MINRES(tol=0, maxiter=n)
-    return solvers
+def _fixed_k_variants(case: SolverCase, n: int) -> list[bl.LinearSolver]:
+    """The row at a full and a short budget; Neumann (3n steps) estimates α or takes α = 1."""
+    if "needs_contraction" in case.tags:
+        return [case(maxiter=3 * n), case(maxiter=3 * n, alpha=1.0)]
+    variants = [case(maxiter=n, restart=max(1, n // 2)), case(maxiter=max(1, n // 3))]
+    return list({repr(s): s for s in variants}.values())
 
 
+@pytest.mark.parametrize("case", solvers("vmappable"))
 @given(
     n=st.integers(2, 24),
     negatives=st.integers(1, 3),
@@ -163,16 +155,17 @@ def _fixed_k_solvers(n: int) -> dict[str, bl.LinearSolver]:
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
 )
 def test_fixed_k_residual_never_exceeds_b_on_symmetric_indefinite_systems(
-    n: int, negatives: int, seed: int, scale: float
+    case: SolverCase, n: int, negatives: int, seed: int, scale: float
 ) -> None:
     a, b = _indefinite(n, min(negatives, n - 1), seed)
     a = scale * a
     b_norm = float(b.norm())
-    for name, solver in _fixed_k_solvers(n).items():
+    for solver in _fixed_k_variants(case, n):
+        name = repr(solver)
         x, info = solver(lambda v: a @ v, b, rmatvec=lambda v: a.T @ v)
         true_residual = float(torch.linalg.vector_norm(b - a @ x))
         assert torch.isfinite(x).all(), name
-        if name.startswith("cg") and int(info.stats["negative_curvature"]) == 0:
+        if int(info.stats.get("negative_curvature", 1)) == 0:
             # Every curvature CG met was positive: it cannot tell A from an SPD matrix and
             # keeps CG's A-norm semantics (its residual may exceed ‖b‖ there); it stays finite.
             continue
@@ -195,13 +188,13 @@ def test_normal_cg_fixed_k_residual_is_bounded_even_with_a_wrong_transpose(seed:
 # -- 3. a NaN cotangent gives NaN, and says where it came from -------------------------------
 
 
-@pytest.mark.parametrize(
-    "solver", [bl.CG(tol=1e-10), bl.CG(tol=0, maxiter=10), bl.GMRES(tol=1e-10), bl.Dense()]
-)
+# SciPy refuses torch.func.grad and detaches its result: no gradient to carry the NaN.
+@pytest.mark.parametrize("case", solvers(exclude=("host",)))
 @pytest.mark.parametrize("entry", ["backward", "func.grad"])
 def test_nan_cotangent_gives_nan_gradient_and_a_nonfinite_reason(
-    solver: bl.LinearSolver, entry: str
+    case: SolverCase, entry: str
 ) -> None:
+    solver = case(tol=1e-10, maxiter=10 if "fixed_k" in case.tags else 100)
     p = Ridge.make(d=4, seed=3)
     solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=solver)(p.closed_form_inner)
     x0 = torch.zeros(4, dtype=F64)
