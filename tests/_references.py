@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,3 +110,34 @@ def newton_logistic(X: np.ndarray, y: np.ndarray, lam: np.ndarray, iters: int = 
         if np.abs(step).max() < 1e-15:
             break
     return w
+
+
+def tiny_imaml_config(**overrides: Any) -> Any:
+    """A trainer ``Config`` small enough for a test to train in seconds (embedded glyphs)."""
+    from applications.imaml.trainer import Config
+
+    base: dict[str, Any] = dict(
+        dataset="glyphs",
+        ways=5,
+        shots=1,
+        queries=2,
+        eval_queries=2,
+        meta_batch=4,
+        meta_lr=3e-3,
+        steps=4,
+        inner_steps=2,
+        inner_lr=0.2,
+        cg_steps=2,
+        cg_ridge=1.0,
+        hidden=8,
+        zero_head=True,
+        val_every=2,
+        val_tasks=4,
+        test_tasks=6,
+        eval_batch=3,
+        log_every=1,
+        ckpt_every=1,
+        threads=1,
+    )
+    base.update(overrides)
+    return Config(**base)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from _references import tiny_imaml_config
 
 import bilevel as bl
 
@@ -41,33 +42,7 @@ def _free_port() -> int:
 
 
 def _tiny_cfg(**kw: Any) -> Any:
-    from applications.imaml.trainer import Config
-
-    base: dict[str, Any] = dict(
-        dataset="glyphs",
-        ways=5,
-        shots=1,
-        queries=2,
-        eval_queries=2,
-        meta_batch=4,
-        meta_lr=3e-3,
-        steps=3,
-        inner_steps=2,
-        inner_lr=0.2,
-        cg_steps=2,
-        cg_ridge=1.0,
-        hidden=8,
-        zero_head=True,
-        val_every=2,
-        val_tasks=4,
-        test_tasks=6,
-        eval_batch=3,
-        log_every=1,
-        ckpt_every=1,
-        threads=1,
-    )
-    base.update(kw)
-    return Config(**base)
+    return tiny_imaml_config(**{"steps": 3, **kw})
 
 
 def _quiet(_line: str) -> None:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _references import tiny_imaml_config
 from torch import nn
 from torch.func import functional_call
 
@@ -294,34 +295,7 @@ def test_evaluation_excludes_and_counts_diverged_tasks():
 # --- training, resume, CLI --------------------------------------------------------------------
 
 
-def _tiny_cfg(**kw):
-    from applications.imaml.trainer import Config
-
-    base = dict(
-        dataset="glyphs",
-        ways=5,
-        shots=1,
-        queries=2,
-        eval_queries=2,
-        meta_batch=4,
-        meta_lr=3e-3,
-        steps=4,
-        inner_steps=2,
-        inner_lr=0.2,
-        cg_steps=2,
-        cg_ridge=1.0,
-        hidden=8,
-        zero_head=True,
-        val_every=2,
-        val_tasks=4,
-        test_tasks=6,
-        eval_batch=3,
-        log_every=1,
-        ckpt_every=1,
-        threads=1,
-    )
-    base.update(kw)
-    return Config(**base)
+_tiny_cfg = tiny_imaml_config
 
 
 def test_few_meta_steps_lower_the_meta_test_loss():
