@@ -36,10 +36,7 @@ Tags (each read off the solver's docstring and checked by the tests that filter 
   ``squares_condition`` (works on ``AᵀA``: ``κ(A)²``), ``indirect_tol`` (its ``tol`` is not
   ``‖b − A x‖ ≤ tol·‖b‖``: NormalCG tests the normal-equation residual, SciPy's MINRES is
   relative to ``‖A‖‖x‖ + ‖b‖``; tests give it a ten times tighter ``tol``),
-  ``preconditioned`` (takes ``preconditioner=``; the row's default is ``M = ½I``),
-  ``ends_at_invariant_space`` (adaptive MINRES: a Lanczos breakdown ends the solve, and is
-  reported as ``"breakdown"`` when rounding leaves the residual above ``tol``, so a ``tol``
-  at the rounding floor, ``κ·ε``, is not always reached);
+  ``preconditioned`` (takes ``preconditioner=``; the row's default is ``M = ½I``);
 * ``vmappable`` (runs under ``torch.func`` transforms: vmap, jacrev, jacfwd, and is
   differentiable through its own iterations) and ``host`` (SciPy: NumPy on the host, refuses
   ``torch.func`` transforms, result detached from autograd).
@@ -70,7 +67,6 @@ TAGS = frozenset(
         "squares_condition",
         "indirect_tol",
         "preconditioned",
-        "ends_at_invariant_space",
         "vmappable",
         "host",
     }
@@ -138,7 +134,7 @@ SOLVERS: tuple[SolverCase, ...] = (
     # Fixed-K CG does not stop at negative curvature: on a symmetric indefinite A its
     # Lanczos–Galerkin iterates converge as MINRES's do (CG's docstring).
     _row("cg_fixed", bl.CG, (*_FIXED, *_SYMMETRIC)),
-    _row("minres", bl.MINRES, ("adaptive", "ends_at_invariant_space", *_SYMMETRIC)),
+    _row("minres", bl.MINRES, ("adaptive", *_SYMMETRIC)),
     _row("minres_fixed", bl.MINRES, (*_FIXED, *_SYMMETRIC)),
     _row("gmres", bl.GMRES, ("adaptive", *_ANY)),
     _row("gmres_fixed", bl.GMRES, (*_FIXED, *_ANY)),

@@ -67,8 +67,8 @@ def _tight(case: SolverCase, tol: float) -> float:
 
 
 # κ up to 1e4 and tol = 1e-12, near the rounding floor κ·ε: not for a solver that squares
-# κ, converges only linearly, or ends at an invariant space whatever the residual.
-SPD_EXCLUDED = ("fixed_k", "squares_condition", "needs_contraction", "ends_at_invariant_space")
+# κ or converges only linearly.
+SPD_EXCLUDED = ("fixed_k", "squares_condition", "needs_contraction")
 
 
 @pytest.mark.parametrize("case", solvers(exclude=SPD_EXCLUDED))

@@ -184,6 +184,24 @@ def test_ridge(tol: float) -> None:
     assert relative_error(x, reference) <= 1e-9 and not info.failed
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_invariant_space_below_the_rounding_floor_is_converged(seed: int) -> None:
+    # Two distinct eigenvalues, 1 and 1e4: the Krylov space is invariant after two steps and
+    # the exact minimiser there is the solution, but rounding leaves a residual ~κ·ε‖b‖ far
+    # above tol = 1e-18. That is convergence to rounding, not a breakdown (fixed-K agrees).
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=F64))
+    a = q @ torch.diag(torch.tensor([1.0, 1e4] * 6, dtype=F64)) @ q.T
+    b = torch.randn(12, generator=g, dtype=F64)
+    reference = torch.linalg.solve(a, b)
+    x, info = bl.MINRES(tol=1e-18, maxiter=50)(lambda v: a @ v, b)
+    assert info.reason == "converged" and info.stats["invariant_space"], info
+    assert info.iterations == 2 and info.residual_norm > 1e-18 * float(b.norm())
+    assert relative_error(x, reference) <= 1e-10
+    x, info = bl.MINRES(tol=0, maxiter=5)(lambda v: a @ v, b)
+    assert not info.failed and relative_error(x, reference) <= 1e-10
+
+
 def test_singular_systems() -> None:
     d = torch.tensor([1.0, 2.0, 0.0], dtype=F64)
     # Consistent: b in range(A), the minimiser in the Krylov space is the solution.

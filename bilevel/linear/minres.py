@@ -31,8 +31,11 @@ class MINRES(LinearSolver):
     with the exact minimiser. It is lucky (residual 0) unless ``T_k`` is singular, i.e. the
     system is singular and inconsistent; then the last step is skipped.
 
-    * Adaptive mode stops once ``|φ_k| ≤ max(tol·‖b‖, atol)``, or at a breakdown (reported
-      as ``"breakdown"`` if the residual is still above that threshold).
+    * Adaptive mode stops once ``|φ_k| ≤ max(tol·‖b‖, atol)``, or at a breakdown. A lucky
+      breakdown is ``"converged"`` even when rounding left the residual above a ``tol`` set
+      at the floor ``κ·ε`` (``info.stats["invariant_space"]`` is then true): no further
+      Krylov step exists, and fixed-K mode gives the same verdict. An unlucky one (a
+      singular, inconsistent system, residual above ``√ε‖r₀‖``) is ``"breakdown"``.
     * Fixed-K mode (``tol == atol == 0``) runs exactly ``maxiter`` matvecs with no host
       synchronisation: after a breakdown every step is masked to a no-op with
       ``torch.where`` (no division by a vanishing ``β`` or ``γ``), so ``x`` and its
@@ -119,7 +122,15 @@ class MINRES(LinearSolver):
             info = self._fixed_info(residual, iterations, matvecs=matvecs, breakdowns=breakdowns)
             return flat.unravel(x), info
         if invariant and threshold < r_norm < math.inf:
+            # The minimiser over an invariant Krylov space solves the system exactly; what
+            # residual is left is rounding (κ·ε‖b‖, which a tol near the floor can ask to beat).
+            # Only a skipped step (T_k singular: a singular, inconsistent system) is a failure,
+            # the same verdict fixed-K mode gives.
+            if int(breakdowns) > 0:
+                return flat.unravel(x), SolveInfo(
+                    False, iterations, r_norm, "breakdown", {"matvecs": matvecs}
+                )
             return flat.unravel(x), SolveInfo(
-                False, iterations, r_norm, "breakdown", {"matvecs": matvecs}
+                True, iterations, r_norm, "converged", {"matvecs": matvecs, "invariant_space": True}
             )
         return flat.unravel(x), self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
