@@ -62,7 +62,15 @@ def _mark(fn: Callable[..., Tree], *, symmetric: bool, name: str) -> Callable[..
 
 
 def is_symmetric(optimality_fn: Callable[..., Any]) -> bool:
-    """Whether ``optimality_fn`` declares a symmetric Jacobian ``∂F/∂x``."""
+    """Whether ``optimality_fn`` declares a symmetric Jacobian ``∂F/∂x``.
+
+    Args:
+        optimality_fn: an optimality function ``F(x, *args)``; the conditions built here
+            carry a ``symmetric`` attribute, any other callable counts as non-symmetric.
+
+    Returns:
+        The truth value of ``optimality_fn.symmetric``, ``False`` when it has none.
+    """
     return bool(getattr(optimality_fn, "symmetric", False))
 
 
@@ -74,6 +82,17 @@ def stationarity(loss: Callable[..., torch.Tensor]) -> OptimalityFn:
     under which [`CG`][bilevel.CG] applies. ``loss`` must return a scalar tensor; ``x`` may
     be any tree of floating-point tensors. The gradient is taken with ``torch.func.grad``, so
     ``F`` composes with ``vmap`` and with forward- and reverse-mode differentiation.
+
+    Args:
+        loss: the inner objective ``loss(x, *args) -> scalar tensor``, twice differentiable
+            in ``x`` and differentiable in the ``args`` to be differentiated.
+
+    Returns:
+        The optimality function ``F(x, *args) -> tree like x`` (the gradient of ``loss`` in
+        ``x``), marked ``symmetric=True``.
+
+    Raises:
+        TypeError: if ``loss`` is not callable.
 
     Example:
         >>> F = stationarity(lambda w, lam, X, y: ((X @ w - y) ** 2).sum() / 2
@@ -123,6 +142,18 @@ def fixed_point(mapping: Callable[..., Tree]) -> OptimalityFn:
     ``∂F/∂x = ∂T/∂x − I`` is in general not symmetric (marked ``symmetric=False``). It is
     invertible when ``T`` is a contraction in ``x`` (``‖∂T/∂x‖ < 1``), which also makes the
     Neumann series converge.
+
+    Args:
+        mapping: the map ``T(x, *args) -> tree like x`` whose fixed point is the inner
+            solution (e.g. one step of the inner iteration), differentiable in ``x`` and in
+            the ``args`` to be differentiated.
+
+    Returns:
+        The optimality function ``F(x, *args) = T(x, *args) − x``, marked
+        ``symmetric=False``.
+
+    Raises:
+        TypeError: if ``mapping`` is not callable.
     """
     if not callable(mapping):
         raise TypeError(f"fixed_point(T): T must be callable, got {type(mapping).__name__}")
@@ -226,6 +257,10 @@ def proximal_gradient(
         prox_hyper: how ``hyper`` is taken from ``args``: an index (``prox_hyper=0`` passes
             ``args[0]``), a callable ``(*args) -> hyper``, or ``None`` (``hyper=None``).
 
+    Returns:
+        The optimality function ``F(x, *args) -> tree like x`` above, marked
+        ``symmetric=False``.
+
     Example:
         >>> def f(w, lam, X, y):
         ...     return ((X @ w - y) ** 2).sum() / (2 * len(y))
@@ -283,6 +318,10 @@ def projected_gradient(
         proj_hyper: how ``hyper`` is taken from ``args``: an index into ``args``, a callable
             ``(*args) -> hyper``, or ``None`` (``hyper=None``: the projection's default set,
             e.g. the unit simplex).
+
+    Returns:
+        The optimality function ``F(x, *args) -> tree like x`` above, marked
+        ``symmetric=False``.
 
     Example:
         >>> def f(x, Q, c):

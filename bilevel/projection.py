@@ -69,6 +69,10 @@ def projection_box(v: Tree, bounds: Any) -> Tree:
             non-empty box); ``lower = -inf`` or ``upper = inf`` leave a side open, NaN is
             rejected.
 
+    Returns:
+        A tree with the structure, shapes and dtypes of ``v``: each leaf clipped to
+        ``[lower, upper]`` elementwise.
+
     Raises:
         TypeError: a bound is not a real number / tensor (tree).
         ValueError: ``bounds`` is not a pair, or the box is empty or NaN somewhere
@@ -154,6 +158,10 @@ def projection_simplex(v: Tree, radius: Any = None) -> Tree:
         radius: ``r > 0`` (default 1), finite: a number, a tensor broadcast over rows, or a
             tree with the structure of ``v``.
 
+    Returns:
+        A tree with the structure, shapes and dtypes of ``v``: every leaf's rows (along its
+        last axis) non-negative and summing to ``r``.
+
     Raises:
         TypeError: ``radius`` is not a real number / tensor (tree).
         ValueError: ``radius`` is ``≤ 0`` or non-finite.
@@ -172,6 +180,10 @@ def projection_l2_ball(v: Tree, radius: Any = None) -> Tree:
     Args:
         v: a tree of tensors.
         radius: ``r > 0`` (default 1), finite: a number or a 0-d tensor.
+
+    Returns:
+        A tree with the structure, shapes and dtypes of ``v``: ``v`` itself (values) when
+        ``‖v‖ ≤ r``, else ``v`` rescaled onto the sphere of radius ``r``.
 
     Raises:
         TypeError: ``radius`` is not a real number or tensor.

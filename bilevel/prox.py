@@ -63,6 +63,9 @@ def prox_lasso(v: Tree, strength: Any, scale: float = 1.0) -> Tree:
             one weight per coordinate), or a tree with the structure of ``v``.
         scale: the step ``η > 0`` multiplying ``g`` (a number or tensor).
 
+    Returns:
+        A tree with the structure, shapes and dtypes of ``v``: the soft-thresholded leaves.
+
     Raises:
         TypeError: ``strength`` or ``scale`` is not a real number / tensor (tree).
         ValueError: ``strength`` is missing, negative or non-finite, or ``scale ≤ 0``.
@@ -89,6 +92,10 @@ def prox_elastic_net(v: Tree, hyper: Any, scale: float = 1.0) -> Tree:
         hyper: the pair ``(λ₁, λ₂)``, each finite and ``≥ 0``: a number or tensor shared by
             every leaf, or a tree with the structure of ``v``.
         scale: the step ``η > 0`` multiplying ``g`` (a number or tensor).
+
+    Returns:
+        A tree with the structure, shapes and dtypes of ``v``: the soft-thresholded leaves
+        shrunk by ``1 / (1 + scale·λ₂)``.
 
     Raises:
         TypeError: ``λ₁``, ``λ₂`` or ``scale`` is not a real number / tensor (tree).

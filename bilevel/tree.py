@@ -44,50 +44,128 @@ _LEAF_SPEC = pytree.tree_flatten(torch.zeros(()))[1]
 
 
 def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
-    """Leaves in a fixed order, and the structure needed to rebuild the tree."""
+    """Leaves in a fixed order, and the structure needed to rebuild the tree.
+
+    Args:
+        tree: a tensor or a nested ``tuple`` / ``list`` / ``dict`` of tensors (any leaf type
+            is accepted; a bare tensor is a one-leaf tree).
+
+    Returns:
+        ``(leaves, spec)``: the leaves in ``torch.utils._pytree`` order and the ``TreeSpec``
+        that [`tree_unflatten`][bilevel.tree.tree_unflatten] rebuilds ``tree`` from.
+    """
     if isinstance(tree, torch.Tensor):
         return [tree], _LEAF_SPEC  # fast path: pytree's generic dispatch costs ~15 µs
     return pytree.tree_flatten(tree)
 
 
 def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
-    """Inverse of ``tree_flatten``."""
+    """Inverse of [`tree_flatten`][bilevel.tree.tree_flatten].
+
+    Args:
+        leaves: one value per leaf of ``spec``, in flattening order.
+        spec: the ``TreeSpec`` returned by [`tree_flatten`][bilevel.tree.tree_flatten].
+
+    Returns:
+        The tree with the structure ``spec`` and ``leaves`` as its leaves.
+    """
     return pytree.tree_unflatten(list(leaves), spec)
 
 
 def tree_leaves(tree: Tree) -> list[Any]:
-    """The leaves of ``tree`` in flattening order."""
+    """The leaves of ``tree`` in flattening order.
+
+    Args:
+        tree: a tensor or a nested ``tuple`` / ``list`` / ``dict`` of tensors.
+
+    Returns:
+        The leaves as a list (``[tree]`` for a bare tensor, ``[]`` for an empty container).
+    """
     if isinstance(tree, torch.Tensor):
         return [tree]
     return pytree.tree_leaves(tree)
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
-    """Apply ``fn`` leaf-wise to ``tree`` and trees of the same structure."""
+    """Apply ``fn`` leaf-wise to ``tree`` and trees of the same structure.
+
+    Args:
+        fn: called as ``fn(leaf, *rest_leaves)`` once per leaf of ``tree``.
+        tree: the tree whose structure the result takes.
+        *rest: further trees with the structure of ``tree``; their leaves at the same
+            position are passed to ``fn`` after the leaf of ``tree``.
+
+    Returns:
+        A tree with the structure of ``tree`` holding ``fn``'s outputs.
+    """
     if isinstance(tree, torch.Tensor) and all(isinstance(t, torch.Tensor) for t in rest):
         return fn(tree, *rest)  # fast path: a bare tensor is a one-leaf tree
     return pytree.tree_map(fn, tree, *rest)
 
 
 def tree_zeros_like(tree: Tree) -> Tree:
+    """Zeros shaped like ``tree``.
+
+    Args:
+        tree: a tree of tensors.
+
+    Returns:
+        A tree with the structure of ``tree`` whose leaves are ``torch.zeros_like`` of its
+        leaves (same shape, dtype and device).
+    """
     return tree_map(torch.zeros_like, tree)
 
 
 def tree_add(a: Tree, b: Tree) -> Tree:
+    """Leaf-wise sum ``a + b``.
+
+    Args:
+        a: a tree of tensors.
+        b: a tree with the structure of ``a``; leaves broadcast as in ``torch.add``.
+
+    Returns:
+        A tree with the structure of ``a`` holding ``a_leaf + b_leaf``.
+    """
     return tree_map(torch.add, a, b)
 
 
 def tree_sub(a: Tree, b: Tree) -> Tree:
+    """Leaf-wise difference ``a - b``.
+
+    Args:
+        a: a tree of tensors.
+        b: a tree with the structure of ``a``; leaves broadcast as in ``torch.sub``.
+
+    Returns:
+        A tree with the structure of ``a`` holding ``a_leaf - b_leaf``.
+    """
     return tree_map(torch.sub, a, b)
 
 
 def tree_scale(alpha: torch.Tensor | float, a: Tree) -> Tree:
-    """``alpha * a`` for a scalar (python number or 0-d tensor) ``alpha``."""
+    """``alpha * a`` for a scalar (python number or 0-d tensor) ``alpha``.
+
+    Args:
+        alpha: the scale: a python number or a 0-d tensor.
+        a: a tree of tensors.
+
+    Returns:
+        A tree with the structure of ``a`` holding ``alpha * a_leaf``.
+    """
     return tree_map(lambda leaf: alpha * leaf, a)
 
 
 def tree_axpy(alpha: torch.Tensor | float, x: Tree, y: Tree) -> Tree:
-    """``alpha * x + y`` leaf-wise, in one fused kernel per leaf."""
+    """``alpha * x + y`` leaf-wise, in one fused kernel per leaf.
+
+    Args:
+        alpha: the scale of ``x``: a python number or a 0-d tensor.
+        x: a tree of tensors.
+        y: a tree with the structure and leaf shapes of ``x``.
+
+    Returns:
+        A tree with the structure of ``x`` holding ``alpha * x_leaf + y_leaf``.
+    """
     if isinstance(alpha, torch.Tensor):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
             return torch.addcmul(y, alpha, x)
@@ -114,7 +192,19 @@ def _leaf_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def tree_dot(a: Tree, b: Tree) -> torch.Tensor:
-    """Euclidean inner product ``Σ_leaves ⟨a_leaf, b_leaf⟩`` as a 0-d tensor."""
+    """Euclidean inner product ``Σ_leaves ⟨a_leaf, b_leaf⟩`` as a 0-d tensor.
+
+    Args:
+        a: a non-empty tree of tensors.
+        b: a tree with the same number of leaves as ``a``, paired in flattening order;
+            each pair is multiplied elementwise (with broadcasting) and summed.
+
+    Returns:
+        The inner product as a 0-d tensor (differentiable; no host synchronisation).
+
+    Raises:
+        ValueError: if ``a`` and ``b`` have different numbers of leaves.
+    """
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return _leaf_dot(a, b)
     la, lb = tree_leaves(a), tree_leaves(b)
@@ -127,7 +217,14 @@ def tree_dot(a: Tree, b: Tree) -> torch.Tensor:
 
 
 def tree_norm(a: Tree) -> torch.Tensor:
-    """Euclidean norm of all leaves taken together, as a 0-d tensor."""
+    """Euclidean norm of all leaves taken together, as a 0-d tensor.
+
+    Args:
+        a: a non-empty tree of tensors.
+
+    Returns:
+        ``sqrt(Σ_leaves ‖a_leaf‖²)`` as a 0-d tensor.
+    """
     if isinstance(a, torch.Tensor):
         return torch.linalg.vector_norm(a)
     return torch.sqrt(tree_dot(a, a))
@@ -137,12 +234,30 @@ def tree_where(condition: torch.Tensor, a: Tree, b: Tree) -> Tree:
     """Leaf-wise ``torch.where(condition, a, b)`` for a 0-d boolean ``condition``.
 
     This is how fixed-iteration loops branch on tensor values without a host sync.
+
+    Args:
+        condition: a 0-d boolean tensor (under ``vmap``, one per batch entry).
+        a: the tree chosen where ``condition`` is true.
+        b: the tree chosen where it is false; the structure and leaf shapes of ``a``.
+
+    Returns:
+        A tree with the structure of ``a``: its leaves where ``condition`` holds, else
+        those of ``b``.
     """
     return tree_map(lambda x, y: torch.where(condition, x, y), a, b)
 
 
 def tree_ravel(tree: Tree) -> tuple[torch.Tensor, Callable[[torch.Tensor], Tree]]:
-    """Concatenate all leaves into one vector; return it and the inverse map."""
+    """Concatenate all leaves into one vector; return it and the inverse map.
+
+    Args:
+        tree: a tree of tensors; leaves of different dtypes are promoted by ``torch.cat``.
+
+    Returns:
+        ``(flat, unravel)``: the 1-D concatenation of the flattened leaves (length the total
+        number of elements; empty for an empty tree), and the map taking such a vector back
+        to a tree with the structure, shapes and dtypes of ``tree``.
+    """
     leaves, spec = tree_flatten(tree)
     shapes = [leaf.shape for leaf in leaves]
     sizes = [leaf.numel() for leaf in leaves]
@@ -184,6 +299,17 @@ def check_same_structure(
 
     Structure, shapes and (optionally) dtypes must agree. This is a Python-level check: it
     never synchronises with the device.
+
+    Args:
+        reference: the tree whose structure, shapes and dtypes are expected.
+        other: the tree to check; every leaf must be a tensor.
+        reference_name: how the error message names ``reference`` (e.g. ``"b"``).
+        other_name: how the error message names ``other`` (e.g. ``"x0"``).
+        check_dtype: whether leaf dtypes must also agree.
+
+    Raises:
+        ValueError: if the trees differ in structure, a leaf of ``other`` is not a tensor, or
+            a leaf's shape (or, with ``check_dtype``, dtype) differs.
     """
     ref_leaves, ref_spec = tree_flatten(reference)
     oth_leaves, oth_spec = tree_flatten(other)
@@ -209,7 +335,16 @@ def check_same_structure(
 
 
 def check_float_tree(tree: Tree, *, name: str) -> None:
-    """Raise a clear error unless ``tree`` is a non-empty tree of floating-point tensors."""
+    """Raise a clear error unless ``tree`` is a non-empty tree of floating-point tensors.
+
+    Args:
+        tree: the tree to check.
+        name: how the error message names ``tree`` (e.g. ``"b"``).
+
+    Raises:
+        ValueError: if ``tree`` has no leaves.
+        TypeError: if a leaf is not a tensor or not of a floating-point dtype.
+    """
     leaves = tree_leaves(tree)
     if not leaves:
         raise ValueError(f"{name} is an empty tree; pass a tensor or a tree of tensors")

@@ -123,6 +123,24 @@ def custom_fixed_point(
 
     The optimality function is ``F = T(x, *args) − x`` ([`fixed_point`][bilevel.fixed_point]); the
     linear systems involve ``I − ∂T/∂x``, invertible when ``T`` is a contraction in ``x``.
+    ``∂F/∂x`` is not symmetric, so the default linear solver is GMRES.
+
+    Args:
+        mapping: ``T(x, *args) -> tree like x`` whose fixed point the inner solver returns
+            (e.g. one step of the inner iteration), differentiable in ``x`` and in the
+            differentiated ``args``.
+        solver: linear solver (default: ``GMRES(tol=1e-6, maxiter=100)``).
+        has_aux: the inner solver returns ``(x, aux)``; ``aux`` is passed through undifferentiated.
+        argnums: which ``args`` (0-based, after ``x0``) receive gradients; default every float
+            tree. ``x0`` never receives one.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``: the failure policy of
+            [`custom_root`][bilevel.custom_root].
+        callback: called with each backward/forward solve's [`SolveInfo`][bilevel.SolveInfo].
+        root_tol: when set, apply ``on_failure`` if ``‖T(x*, args) − x*‖ > root_tol`` after
+            the inner solve, as in [`custom_root`][bilevel.custom_root].
+
+    Returns:
+        A decorator producing an [`ImplicitFunction`][bilevel.ImplicitFunction].
     """
     return custom_root(
         fixed_point(mapping),

@@ -253,6 +253,34 @@ class ImplicitFunction(Diagnosed):
       nothing to report on the host).
     * ``optimality_fn``, ``solver``, ``symmetric``, ``argnums``, ``has_aux``, ``on_failure``,
       ``callback``, ``root_tol``.
+
+    Args:
+        inner_solver: ``inner_solver(x0, *args) -> x*`` (or ``(x*, aux)`` with ``has_aux``);
+            run on detached inputs, its iterations are not recorded.
+        optimality_fn: ``F(x, *args) -> tree like x`` with ``F(x*, *args) = 0``.
+        solver: the linear solver of the backward and forward-mode systems; ``None`` picks
+            ``CG(tol=1e-6, maxiter=100)`` when ``∂F/∂x`` is symmetric, else
+            ``GMRES(tol=1e-6, maxiter=100)``.
+        symmetric: whether ``∂F/∂x`` is symmetric; ``None`` reads ``optimality_fn``'s own
+            ``symmetric`` mark.
+        has_aux: the inner solver returns ``(x*, aux)``; ``aux`` is passed through
+            undifferentiated.
+        argnums: which ``args`` (0-based, after ``x0``) receive gradients; ``None`` for every
+            float tree.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``: what a failed linear solve, a
+            non-finite inner solution or a missed root does (see
+            [`custom_root`][bilevel.custom_root]).
+        callback: called with each backward/forward solve's [`SolveInfo`][bilevel.SolveInfo],
+            or ``None``.
+        root_tol: when set, the forward pass applies ``on_failure`` if
+            ``‖F(x*, args)‖ > root_tol``; ``None`` checks only that ``x*`` is finite.
+
+    Raises:
+        TypeError: ``inner_solver`` or ``optimality_fn`` is not callable, ``solver`` is not a
+            [`LinearSolver`][bilevel.LinearSolver], or ``callback`` is neither callable nor
+            ``None``.
+        ValueError: ``on_failure`` is not one of the three policies, or ``root_tol`` is
+            negative or non-finite.
     """
 
     def __init__(
@@ -359,6 +387,18 @@ class ImplicitFunction(Diagnosed):
         return [t + z.view_as(t) for t, z in zip(x_leaves, zero.split(sizes), strict=True)]
 
     def __call__(self, x0: Any, *args: Any) -> Any:
+        """Run the inner solver; its result is differentiable in ``args`` by the IFT.
+
+        Args:
+            x0: the inner solver's starting point, a tree of tensors; it never receives a
+                gradient.
+            *args: the inner solver's other arguments, passed on unchanged; the float
+                trees among them (or those selected by ``argnums``) are differentiated.
+
+        Returns:
+            ``x*``, the inner solver's output (a tree; with ``has_aux``, the pair
+            ``(x*, aux)`` with ``aux`` undifferentiated).
+        """
         if self.argnums is not None:
             diff_indices(args, self.argnums)  # validate early, with the caller's frame
         if torch.compiler.is_compiling() and not _under_transform():

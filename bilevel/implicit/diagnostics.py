@@ -40,7 +40,16 @@ _INTERNAL_DIRS = (
 
 
 def warn(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` attributed to the user's line, not to torch or bilevel internals."""
+    """``warnings.warn`` attributed to the user's line, not to torch or bilevel internals.
+
+    The ``stacklevel`` is that of the first frame outside the torch and bilevel source
+    directories (the line calling ``.backward()``, ``torch.func.grad(...)(...)`` or the
+    solver), so the warning filters and the printed location point at user code.
+
+    Args:
+        message: the warning text.
+        category: the warning class, e.g. [`ConvergenceWarning`][bilevel.ConvergenceWarning].
+    """
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
