@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from torch.func import grad
 
+from applications.imaml.datasets import load_dataset
 from applications.imaml.meta import IMAML, GradientDescent
 from applications.imaml.models import build_model
-from applications.imaml.tasks import TaskSampler, load_dataset
+from applications.imaml.tasks import TaskSampler
 from bilevel.tree import tree_dot, tree_norm
 
 ROOT = Path(__file__).resolve().parents[1]

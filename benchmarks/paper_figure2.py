@@ -470,7 +470,8 @@ def _subprocess(args: list[str]) -> dict:
 def sample_task(ways: int, shots: int, data_dir: str | None, seed: int = 0) -> tuple[dict, str]:
     """One meta-training task (real Omniglot when ``data_dir`` has it, else random images)."""
     if data_dir:
-        from applications.imaml.tasks import TaskSampler, load_dataset
+        from applications.imaml.datasets import load_dataset
+        from applications.imaml.tasks import TaskSampler
 
         images = load_dataset("omniglot", "train", data_dir=data_dir, download=False)
         batch = TaskSampler(images, ways=ways, shots=shots, queries=1, rotate=True, seed=seed)

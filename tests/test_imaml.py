@@ -299,7 +299,8 @@ _tiny_cfg = tiny_imaml_config
 
 
 def test_few_meta_steps_lower_the_meta_test_loss():
-    from applications.imaml.tasks import TaskSampler, load_dataset
+    from applications.imaml.datasets import load_dataset
+    from applications.imaml.tasks import TaskSampler
     from applications.imaml.trainer import build_learner
 
     cfg = _tiny_cfg(hidden=8, meta_batch=4, inner_steps=2, meta_lr=1e-2)

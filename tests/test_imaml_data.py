@@ -21,10 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from applications.imaml import glyphs, omniglot
+from applications.imaml import glyphs, omniglot, one_shot
 from applications.imaml._cache import CACHE_ENV, OFFLINE_ENV
+from applications.imaml.datasets import load_dataset
 from applications.imaml.sinusoid import SinusoidSampler, SinusoidTaskBatch, sinusoid
-from applications.imaml.tasks import TaskBatch, TaskSampler, load_dataset
+from applications.imaml.tasks import TaskBatch, TaskSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,7 +203,7 @@ def test_rotations_are_new_classes_and_sampler_uses_quarter_turns(tmp_path: Path
 
 @needs_omniglot
 def test_one_shot_runs() -> None:
-    runs = omniglot.load_one_shot_runs(data_dir=OMNIGLOT_DIR)
+    runs = one_shot.load_one_shot_runs(data_dir=OMNIGLOT_DIR)
     assert [r.run for r in runs] == list(range(1, 21))
     for r in runs:
         assert r.training.shape == (20, 1, 28, 28) and r.test.shape == (20, 1, 28, 28)
@@ -210,13 +211,13 @@ def test_one_shot_runs() -> None:
         assert float(r.test.max()) <= 1.0 and float(r.test.mean()) < 0.3
         assert r.labels.dtype == torch.int64
         assert sorted(r.labels.tolist()) == list(range(20))  # each class is asked once
-    batch = omniglot.one_shot_task_batch(runs)
+    batch = one_shot.one_shot_task_batch(runs)
     assert batch.support_x.shape == (20, 20, 1, 28, 28)
     assert batch.support_y[3].tolist() == list(range(20))
     assert torch.equal(batch.query_y[0], runs[0].labels)
-    assert omniglot.one_shot_error_rate(batch.query_y, runs) == 0.0
+    assert one_shot.one_shot_error_rate(batch.query_y, runs) == 0.0
     wrong = (batch.query_y + 1) % 20
-    assert omniglot.one_shot_error_rate(wrong, runs) == 1.0
+    assert one_shot.one_shot_error_rate(wrong, runs) == 1.0
     # run01/test/item01.png is class08 (see class_labels.txt)
     assert int(runs[0].labels[0]) == 7
 
@@ -246,7 +247,7 @@ def test_offline_and_absent_gives_one_clear_error(
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="download=False") as info:
-        omniglot.load_one_shot_runs(data_dir=empty, download=False)
+        one_shot.load_one_shot_runs(data_dir=empty, download=False)
     assert str(empty) in str(info.value) and "all_runs.zip" in str(info.value)
 
 
@@ -287,7 +288,7 @@ def test_download_is_atomic_and_used(tmp_path: Path, monkeypatch: pytest.MonkeyP
         zf.writestr("run01/class_labels.txt", "\n".join(lines) + "\n")
     monkeypatch.setitem(omniglot.OMNIGLOT_URLS, "all_runs", served.as_uri())
     cache = tmp_path / "cache"
-    runs = omniglot.load_one_shot_runs(cache_dir=cache)
+    runs = one_shot.load_one_shot_runs(cache_dir=cache)
     assert (cache / "omniglot" / "all_runs.zip").is_file()
     assert sorted(p.name for p in (cache / "omniglot").iterdir()) == ["all_runs.zip"]
     assert len(runs) == 1 and runs[0].labels.tolist() == [1, 0]

@@ -1,12 +1,17 @@
-"""Few-shot tasks: the :class:`TaskBatch` interface, the seeded N-way K-shot :class:`TaskSampler`,
-and the single dataset entry point :func:`load_dataset`.
+"""Few-shot tasks: the :class:`TaskBatch` interface and the seeded N-way K-shot sampler
+:class:`TaskSampler`.
+
+The datasets the sampler draws from are loaded by
+:func:`applications.imaml.datasets.load_dataset` (the readers import this module, never the
+other way round).
 
 Image datasets are tensors ``[C, M, 1, H, W]``: ``C`` classes, ``M`` instances per class. They are
 stored as ``uint8`` (0 = background, 255 = ink); the sampler returns ``float32`` in ``[0, 1]`` with
 strokes = 1.
 
 Example:
-    >>> from applications.imaml.tasks import TaskSampler, load_dataset
+    >>> from applications.imaml.datasets import load_dataset
+    >>> from applications.imaml.tasks import TaskSampler
     >>> images = load_dataset("glyphs", "train")                        # doctest: +SKIP
     >>> sampler = TaskSampler(images, ways=5, shots=1, queries=15, seed=0)  # doctest: +SKIP
     >>> batch = sampler.sample(16)                                      # doctest: +SKIP
@@ -18,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,20 +30,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DATASETS",
     "TaskBatch",
     "TaskSampler",
     "check_int",
     "check_positive_int",
-    "load_dataset",
 ]
-
-#: Dataset names accepted by :func:`load_dataset`, with their splits.
-DATASETS: dict[str, tuple[str, ...]] = {
-    "omniglot": ("train", "val", "test"),
-    "omniglot-lake": ("background", "evaluation"),
-    "glyphs": ("train", "val", "test"),
-}
 
 
 @dataclass
@@ -278,83 +273,3 @@ class TaskSampler(SeededSampler):
             "queries": self.queries,
             "rotate": self.rotate,
         }
-
-
-def load_dataset(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    seed: int | None = None,
-    val_classes: int | None = None,
-    download: bool | None = None,
-    image_size: int = 28,
-) -> Tensor:
-    """Load one split of a few-shot image dataset as a ``uint8`` tensor ``[C, M, 1, S, S]``.
-
-    Args:
-        name: ``"omniglot"`` (iMAML paper protocol: 1623 characters permuted with a fixed seed,
-            1200 meta-train / 423 meta-test, a validation carve-out from the meta-train classes;
-            splits ``"train"``, ``"val"``, ``"test"``), ``"omniglot-lake"`` (Lake et al.'s
-            background / evaluation alphabets; splits ``"background"``, ``"evaluation"``) or
-            ``"glyphs"`` (the embedded font-glyph dataset, no download; splits ``"train"``,
-            ``"val"``, ``"test"``).
-        split: split name, see ``name``.
-        data_dir: Omniglot directory (zips or extracted folders); default ``$BILEVEL_OMNIGLOT_DIR``,
-            then the cache directory. Ignored by ``"glyphs"``.
-        cache_dir: cache directory; default ``$BILEVEL_CACHE_DIR``, else ``~/.cache/bilevel``.
-        seed: class-split seed (``"omniglot"``: the permutation of the 1623 characters, default
-            :data:`~applications.imaml.omniglot.PAPER_SPLIT_SEED`; ``"glyphs"``: the split and the
-            rendering, default 0). Not accepted by ``"omniglot-lake"`` (its split is fixed).
-        val_classes: validation classes carved out of the meta-train classes (``"omniglot"``:
-            default 100 of the 1200; ``"glyphs"``: default 10% of the classes); 0 allowed.
-        download: allow downloading Omniglot when it is not found (default: yes unless
-            ``$BILEVEL_OFFLINE`` is set).
-        image_size: side of the square images (28 in the papers).
-
-    Returns:
-        ``uint8`` tensor ``[C, M, 1, image_size, image_size]``; 255 = ink. ``M`` is 20 for all.
-
-    Raises:
-        ValueError: unknown ``name`` or ``split``, or an invalid option.
-        FileNotFoundError: Omniglot is not found and cannot be downloaded.
-    """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset name {name!r}; expected one of {sorted(DATASETS)}")
-    if split not in DATASETS[name]:
-        raise ValueError(
-            f"unknown split {split!r} for dataset {name!r}; expected one of {DATASETS[name]}"
-        )
-    image_size = check_positive_int("image_size", image_size)
-    if name == "glyphs":
-        from .glyphs import load_glyphs
-
-        kwargs: dict[str, Any] = {"cache_dir": cache_dir, "image_size": image_size}
-        if seed is not None:
-            kwargs["seed"] = seed
-        if val_classes is not None:
-            kwargs["val_classes"] = val_classes
-        return load_glyphs(split, **kwargs)
-
-    from . import omniglot
-
-    common: dict[str, Any] = {
-        "data_dir": data_dir,
-        "cache_dir": cache_dir,
-        "download": download,
-        "image_size": image_size,
-    }
-    if name == "omniglot-lake":
-        if seed is not None or val_classes is not None:
-            raise ValueError(
-                "seed and val_classes do not apply to 'omniglot-lake' (Lake et al.'s "
-                "background/evaluation split is fixed)"
-            )
-        return omniglot.load_omniglot_archive(split, **common).images
-    kwargs = {}
-    if seed is not None:
-        kwargs["seed"] = seed
-    if val_classes is not None:
-        kwargs["val_classes"] = val_classes
-    return omniglot.load_omniglot_paper_split(split, **kwargs, **common)

@@ -33,14 +33,10 @@ from typing import IO, Any
 import torch
 
 from .._flags import Range, range_errors
+from .datasets import dataset_splits, task_sampler
 from .distributed import RankFailure, Team, shard_batch
-from .meta import (
-    GradientDescent,
-    MetaLearner,
-    NewtonCG,
-    build_meta_learner,
-    confidence_interval,
-)
+from .inner import GradientDescent, NewtonCG
+from .learners import MetaLearner, build_meta_learner, confidence_interval
 from .models import build_model
 from .rundir import (
     CHECKPOINT,
@@ -180,27 +176,18 @@ def _flag(field: str) -> str:
 # --- construction ------------------------------------------------------------------------
 
 
-def _splits(dataset: str) -> tuple[str, str | None, str]:
-    if dataset == "omniglot-lake":
-        return "background", None, "evaluation"
-    return "train", "val", "test"
-
-
-def load_images(cfg: Config, split: str) -> torch.Tensor:
-    from .tasks import load_dataset
-
-    return load_dataset(cfg.dataset, split, data_dir=cfg.data_dir).to(cfg.device)
-
-
 def make_sampler(cfg: Config, split: str | None, *, queries: int, seed: int) -> Any:
-    if cfg.dataset == "sinusoid":
-        from .sinusoid import SinusoidSampler
-
-        return SinusoidSampler(cfg.shots, queries, seed=seed)
-    from .tasks import TaskSampler
-
-    assert split is not None
-    return TaskSampler(load_images(cfg, split), cfg.ways, cfg.shots, queries, seed=seed)
+    """The sampler of ``cfg``'s tasks (:func:`~applications.imaml.datasets.task_sampler`)."""
+    return task_sampler(
+        cfg.dataset,
+        split,
+        ways=cfg.ways,
+        shots=cfg.shots,
+        queries=queries,
+        seed=seed,
+        data_dir=cfg.data_dir,
+        device=cfg.device,
+    )
 
 
 def build_learner(cfg: Config) -> MetaLearner:
@@ -360,7 +347,7 @@ def lake_runs_error(
     Each run is one 20-way 1-shot task with one test image per class; a 20-way model adapts
     to the run's 20 training images and classifies its 20 test images. People make 4.5%.
     """
-    from .omniglot import load_one_shot_runs, one_shot_error_rate, one_shot_task_batch
+    from .one_shot import load_one_shot_runs, one_shot_error_rate, one_shot_task_batch
 
     runs = load_one_shot_runs(data_dir=data_dir)
     batch = one_shot_task_batch(runs)
@@ -653,7 +640,9 @@ def _train_locked(
     error: BaseException | None = None
     sampler: Any = None
     try:  # every rank reads the data itself (on several machines: from its own disk)
-        sampler = make_sampler(cfg, _splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed)
+        sampler = make_sampler(
+            cfg, dataset_splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed
+        )
     except Exception as err:
         error = err
     team.agree(error, "to load the meta-training tasks")
@@ -792,7 +781,7 @@ def _loop_body(
     progress: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    _, val_split, test_split = _splits(cfg.dataset)
+    _, val_split, test_split = dataset_splits(cfg.dataset)
     chunk = cfg.vmap_chunk if cfg.batched else None
     ckpt_path = out / CHECKPOINT
 
