@@ -40,7 +40,6 @@ from ..tree import (
     Tree,
     check_float_tree,
     check_same_structure,
-    tree_axpy,
     tree_leaves,
     tree_map,
     tree_norm,
@@ -130,14 +129,27 @@ class SolveInfo:
 class LinearProblem:
     """A validated system ``(A + ridge·I) x = b`` handed to ``LinearSolver._solve``.
 
-    ``matvec`` and ``rmatvec`` already include the ridge term; ``rmatvec`` is ``None`` when
-    the caller did not give one. ``x0`` is ``None`` for a zero initial guess.
+    The solver sees one flat vector: ``b`` and ``x0`` are 1-D tensors and ``matvec`` /
+    ``rmatvec`` map 1-D tensors to 1-D tensors (``LinearSolver.__call__`` ravels the trees
+    once, on the way in, and unravels ``x`` on the way out). They already include the ridge
+    term; ``rmatvec`` is ``None`` when the caller did not give one. ``x0`` is ``None`` for a
+    zero initial guess. ``flattening`` maps trees shaped like the caller's ``b`` to this
+    vector space, for solvers that take further tree operators (CG's preconditioner).
+
+    Attributes:
+        matvec: ``v ↦ (A + ridge·I) v`` on flat vectors.
+        b: the right-hand side, a 1-D tensor.
+        x0: the initial guess (1-D, like ``b``), or ``None`` for zero.
+        rmatvec: ``u ↦ (A + ridge·I)ᵀ u`` on flat vectors, or ``None`` when not given.
+        flattening: the map between the caller's trees and the flat vectors, or ``None``
+            for a problem built directly on vectors (e.g. NormalCG's inner CG).
     """
 
     matvec: Matvec
     b: Tree
     x0: Tree | None
     rmatvec: Matvec | None
+    flattening: Flattening | None = None
 
 
 class Flattening:
@@ -151,6 +163,7 @@ class Flattening:
     """
 
     def __init__(self, like: Tree) -> None:
+        self.like = like
         self.identity = isinstance(like, torch.Tensor) and like.dim() == 1
         if self.identity:
             self.vector: torch.Tensor = like
@@ -178,23 +191,16 @@ class Flattening:
             return fn
         return lambda v: self.ravel(fn(self.unravel(v)))
 
-    def problem(self, problem: LinearProblem) -> LinearProblem:
-        """``problem`` with flat ``b``, ``x0`` and operators."""
-        if self.identity:
-            return problem
-        x0 = None if problem.x0 is None else self.ravel(problem.x0)
-        return LinearProblem(self.lift(problem.matvec), self.vector, x0, self.lift(problem.rmatvec))
-
 
 def _same(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
 class _CheckedOperator:
-    """Wraps a user ``matvec``: adds ``ridge·v`` and validates the first output's structure."""
+    """Wraps a user operator on trees: validates the first output's structure against ``b``."""
 
-    def __init__(self, fn: Matvec, b: Tree, ridge: float, name: str) -> None:
-        self.fn, self.b, self.ridge, self.name = fn, b, ridge, name
+    def __init__(self, fn: Matvec, b: Tree, name: str) -> None:
+        self.fn, self.b, self.name = fn, b, name
         self.checked = False
 
     def __call__(self, v: Tree) -> Tree:
@@ -202,9 +208,17 @@ class _CheckedOperator:
         if not self.checked:
             check_same_structure(self.b, out, reference_name="b", other_name=f"{self.name}(x)")
             self.checked = True
-        if self.ridge:
-            out = tree_axpy(self.ridge, v, out)
         return out
+
+
+def _flat_operator(
+    flat: Flattening, fn: Matvec, name: str, ridge: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A user operator on trees as a checked map on flat vectors, ``v ↦ A v + ridge·v``."""
+    lifted = flat.lift(_CheckedOperator(fn, flat.like, name))
+    if not ridge:
+        return lifted
+    return lambda v: torch.add(lifted(v), v, alpha=ridge)
 
 
 class LinearSolver(abc.ABC):
@@ -255,7 +269,26 @@ class LinearSolver(abc.ABC):
         x0: Tree | None = None,
         rmatvec: Matvec | None = None,
     ) -> tuple[Tree, SolveInfo]:
-        """Solve ``(A + ridge·I) x = b``; return ``x`` (same tree as ``b``) and a SolveInfo."""
+        """Solve ``(A + ridge·I) x = b``.
+
+        Args:
+            matvec: ``v ↦ A v``, a linear map from trees shaped like ``b`` to such trees.
+            b: the right-hand side, a tree of floating-point tensors.
+            x0: the initial guess, a tree shaped like ``b``; ``None`` starts from zero.
+            rmatvec: ``u ↦ Aᵀ u`` for the solvers that apply the transpose (NormalCG,
+                SciPy's methods that ask for it); ``None`` lets them derive it or not use it.
+
+        Returns:
+            ``(x, info)``: the solution, a tree shaped like ``b``, and its
+            [`SolveInfo`][bilevel.SolveInfo] (Python scalars in adaptive mode, 0-d tensors in
+            fixed-K mode or under ``vmap``).
+
+        Raises:
+            TypeError: ``matvec`` or ``rmatvec`` is not callable, or ``b`` holds a non-float
+                tensor.
+            ValueError: ``x0`` or ``matvec``'s output does not match ``b``'s structure, or an
+                adaptive solve runs under ``torch.func.vmap``.
+        """
         if not callable(matvec):
             raise TypeError(f"matvec must be callable (tree -> tree), got {type(matvec).__name__}")
         if rmatvec is not None and not callable(rmatvec):
@@ -263,13 +296,17 @@ class LinearSolver(abc.ABC):
         check_float_tree(b, name="b")
         if x0 is not None:
             check_same_structure(b, x0, reference_name="b", other_name="x0")
+        # The one boundary between trees and the flat vector every solver iterates on: each
+        # update is then a single kernel whatever the tree (one ravel/unravel per matvec).
+        flat = Flattening(b)
         problem = LinearProblem(
-            matvec=_CheckedOperator(matvec, b, self.ridge, "matvec"),
-            b=b,
-            x0=x0,
+            matvec=_flat_operator(flat, matvec, "matvec", self.ridge),
+            b=flat.vector,
+            x0=None if x0 is None else flat.ravel(x0),
             rmatvec=None
             if rmatvec is None
-            else _CheckedOperator(rmatvec, b, self.ridge, "rmatvec"),
+            else _flat_operator(flat, rmatvec, "rmatvec", self.ridge),
+            flattening=flat,
         )
         if not self.fixed_iterations:
             if any_batched(b) or (x0 is not None and any_batched(x0)):
@@ -282,16 +319,18 @@ class LinearSolver(abc.ABC):
                 )
             trivial = self._trivial_solution(problem)
             if trivial is not None:
-                return trivial
-            return self._solve(problem)
+                x, info = trivial
+                return flat.unravel(x), info
+            x, info = self._solve(problem)
+            return flat.unravel(x), info
         x, info = self._solve(problem)
-        if not info.fixed:  # a direct solver outside vmap answered with host values
-            return x, info
-        return _guard_fixed(problem, x, info)
+        if info.fixed:  # not a direct solver that answered with host values outside vmap
+            x, info = _guard_fixed(problem, x, info)
+        return flat.unravel(x), info
 
     @abc.abstractmethod
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        """Solve a validated problem (adaptive or fixed-K according to ``self``)."""
+    def _solve(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
+        """Solve a validated, flat problem (adaptive or fixed-K according to ``self``)."""
 
     # -- helpers shared by the iterative solvers ------------------------------------------
 

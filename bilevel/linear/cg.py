@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree, tree_dot
-from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo, _CheckedOperator
+from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo, _CheckedOperator
 
 __all__ = ["CG"]
 
@@ -73,15 +73,15 @@ class CG(LinearSolver):
             )
         self.preconditioner = preconditioner
 
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        # Iterate on one flat vector: each update is then a single kernel whatever the tree.
-        flat = Flattening(problem.b)
+    def _solve(self, problem: LinearProblem) -> tuple[Tensor, SolveInfo]:
         precondition = _identity
         if self.preconditioner is not None:
-            checked = _CheckedOperator(self.preconditioner, problem.b, 0.0, "preconditioner")
+            flat = problem.flattening
+            if flat is None:
+                raise TypeError("CG with a preconditioner needs the problem's flattening")
+            checked = _CheckedOperator(self.preconditioner, flat.like, "preconditioner")
             precondition = flat.lift(checked)
-        x, info = self._solve_flat(flat.problem(problem), precondition)
-        return flat.unravel(x), info
+        return self._solve_flat(problem, precondition)
 
     def _solve_flat(
         self, problem: LinearProblem, precondition: Callable[[Tensor], Tensor]

@@ -7,8 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .._transforms import any_batched
-from ..tree import Tree
-from ._base import Flattening, LinearProblem, LinearSolver, SolveInfo
+from ._base import LinearProblem, LinearSolver, SolveInfo
 
 __all__ = ["Dense"]
 
@@ -62,10 +61,9 @@ class Dense(LinearSolver):
         self.positive_definite = bool(positive_definite)
         self.rcond = None if rcond is None else float(rcond)
 
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        flat = Flattening(problem.b)
-        b, unravel = flat.vector, flat.unravel
-        matrix = materialise(flat.lift(problem.matvec), b)
+    def _solve(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
+        b = problem.b
+        matrix = materialise(problem.matvec, b)
         n = b.shape[-1]
         if self.positive_definite:
             factor, status = torch.linalg.cholesky_ex(matrix)
@@ -87,7 +85,7 @@ class Dense(LinearSolver):
         stats = {"matvecs": n, "rcond": rcond}
         if any_batched(problem.b):
             stats["breakdowns"] = (~ok).to(torch.int64)
-            return unravel(x), SolveInfo(
+            return x, SolveInfo(
                 ok & torch.isfinite(residual), 0, residual, "fixed_iterations", stats
             )
         residual_norm = residual.item()
@@ -95,12 +93,12 @@ class Dense(LinearSolver):
         if not bool(torch.isfinite(b).all()):
             x = torch.full_like(b, float("nan"))
             stats["nonfinite_input"] = True
-            return unravel(x), SolveInfo(False, 0, float("nan"), "nonfinite", stats)
+            return x, SolveInfo(False, 0, float("nan"), "nonfinite", stats)
         if not bool(ok):
-            return unravel(x), SolveInfo(False, 0, residual_norm, "breakdown", stats)
+            return x, SolveInfo(False, 0, residual_norm, "breakdown", stats)
         finite = residual_norm < float("inf")  # false for inf and nan
         reason = "converged" if finite else "nonfinite"
-        return unravel(x), SolveInfo(finite, 0, residual_norm, reason, stats)
+        return x, SolveInfo(finite, 0, residual_norm, reason, stats)
 
 
 def materialise(matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,7 @@ from typing import cast
 
 import torch
 
-from ..tree import Tree
-from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo
+from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
 
 __all__ = ["GMRES"]
 
@@ -61,12 +60,11 @@ class GMRES(LinearSolver):
             raise ValueError(f"restart must be a positive int, got {restart!r}")
         self.restart = restart
 
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        flat = Flattening(problem.b)
-        unravel, b, op = flat.unravel, flat.vector, flat.lift(problem.matvec)
+    def _solve(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
+        b, op = problem.b, problem.matvec
         x, r, matvecs = torch.zeros_like(b), b, 0
         if problem.x0 is not None:
-            x = flat.ravel(problem.x0)
+            x = problem.x0
             r, matvecs = b - op(x), 1
         fixed, left = self.fixed_iterations, self.maxiter
         b_norm = 0.0 if fixed else torch.linalg.vector_norm(b).item()
@@ -83,10 +81,10 @@ class GMRES(LinearSolver):
                 r_norm = torch.linalg.vector_norm(r).item()
         iterations = self.maxiter - left
         if fixed:
-            return unravel(x), self._fixed_info(r_norm, iterations, matvecs=matvecs)
+            return x, self._fixed_info(r_norm, iterations, matvecs=matvecs)
         # Adaptive: r_norm was read back with .item() after the last cycle.
         residual = cast(float, r_norm)
-        return unravel(x), self._adaptive_info(residual, iterations, b_norm, matvecs=matvecs)
+        return x, self._adaptive_info(residual, iterations, b_norm, matvecs=matvecs)
 
     def _arnoldi(
         self, op: Matvec, r: torch.Tensor, beta: torch.Tensor, steps: int, threshold: float

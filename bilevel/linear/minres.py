@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from ..tree import Tree
-from ._base import Flattening, LinearProblem, LinearSolver, SolveInfo
+from ._base import LinearProblem, LinearSolver, SolveInfo
 
 __all__ = ["MINRES"]
 
@@ -52,12 +51,11 @@ class MINRES(LinearSolver):
 
     assumes_symmetric = True
 
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        flat = Flattening(problem.b)
-        op, b = flat.lift(problem.matvec), flat.vector
+    def _solve(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
+        op, b = problem.matvec, problem.b
         x, r, matvecs = torch.zeros_like(b), b, 0
         if problem.x0 is not None:
-            x = flat.ravel(problem.x0)
+            x = problem.x0
             r, matvecs = b - op(x), 1
         fixed = self.fixed_iterations
         eps = torch.finfo(b.dtype).eps
@@ -120,17 +118,15 @@ class MINRES(LinearSolver):
         if fixed:
             residual = torch.where(finite, phibar.abs(), math.nan)
             info = self._fixed_info(residual, iterations, matvecs=matvecs, breakdowns=breakdowns)
-            return flat.unravel(x), info
+            return x, info
         if invariant and threshold < r_norm < math.inf:
             # The minimiser over an invariant Krylov space solves the system exactly; what
             # residual is left is rounding (κ·ε‖b‖, which a tol near the floor can ask to beat).
             # Only a skipped step (T_k singular: a singular, inconsistent system) is a failure,
             # the same verdict fixed-K mode gives.
             if int(breakdowns) > 0:
-                return flat.unravel(x), SolveInfo(
-                    False, iterations, r_norm, "breakdown", {"matvecs": matvecs}
-                )
-            return flat.unravel(x), SolveInfo(
+                return x, SolveInfo(False, iterations, r_norm, "breakdown", {"matvecs": matvecs})
+            return x, SolveInfo(
                 True, iterations, r_norm, "converged", {"matvecs": matvecs, "invariant_space": True}
             )
-        return flat.unravel(x), self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)
+        return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)

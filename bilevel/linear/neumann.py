@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..tree import Tree, tree_axpy, tree_map, tree_norm, tree_sub
-from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo
+from ..tree import tree_axpy, tree_map, tree_norm, tree_sub
+from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
 
 __all__ = ["Neumann"]
 
@@ -103,11 +103,6 @@ class Neumann(LinearSolver):
         """The number of series terms (same as ``maxiter``)."""
         return self.maxiter
 
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
-        flat = Flattening(problem.b)  # one kernel per update whatever the tree
-        x, info = self._solve_flat(flat.problem(problem))
-        return flat.unravel(x), info
-
     def _step_size(self, matvec: Matvec, b: torch.Tensor) -> tuple[float | torch.Tensor, int]:
         """``α`` and the matvecs spent on it: the given one, or ``1/λ̂`` by the power method."""
         if self.alpha is not None:
@@ -126,7 +121,7 @@ class Neumann(LinearSolver):
             return float(alpha), self.power_iterations
         return alpha, self.power_iterations
 
-    def _solve_flat(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
+    def _solve(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
         matvec, b = problem.matvec, problem.b
         alpha, matvecs = self._step_size(matvec, b)
         if problem.x0 is None:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from .._transforms import any_wrapped
-from ..tree import Tree, tree_map, tree_norm, tree_sub
-from ._base import Flattening, LinearProblem, LinearSolver, Matvec, SolveInfo
+from ..tree import Tree, tree_norm, tree_sub
+from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
 
 __all__ = ["SciPy"]
 
@@ -82,7 +82,22 @@ class SciPy(LinearSolver):
     def __call__(
         self, matvec: Matvec, b: Tree, x0: Tree | None = None, rmatvec: Matvec | None = None
     ) -> tuple[Tree, SolveInfo]:
-        """Solve ``(A + ridge·I) x = b`` on the host with SciPy; see the class docstring."""
+        """Solve ``(A + ridge·I) x = b`` on the host with SciPy; see the class docstring.
+
+        Args:
+            matvec: ``v ↦ A v`` on trees shaped like ``b``.
+            b: the right-hand side, a tree of floating-point tensors (not under a
+                ``torch.func`` transform).
+            x0: the initial guess, shaped like ``b``; ``None`` starts from zero.
+            rmatvec: ``u ↦ Aᵀ u``, handed to SciPy's ``LinearOperator``; ``None`` if unknown.
+
+        Returns:
+            ``(x, info)``: the solution, detached from autograd, and its
+            [`SolveInfo`][bilevel.SolveInfo] with Python scalars.
+
+        Raises:
+            ValueError: ``b`` or ``x0`` is a transformed tensor (``vmap``, ``grad``, ``jvp``).
+        """
         if any_wrapped(b) or (x0 is not None and any_wrapped(x0)):
             raise ValueError(
                 f"SciPy(method={self.method!r}) solves in NumPy on the host and cannot run "
@@ -91,16 +106,14 @@ class SciPy(LinearSolver):
             )
         return super().__call__(matvec, b, x0, rmatvec)
 
-    def _solve(self, problem: LinearProblem) -> tuple[Tree, SolveInfo]:
+    def _solve(self, problem: LinearProblem) -> tuple[torch.Tensor, SolveInfo]:
         import scipy.sparse.linalg as spla
 
-        b = tree_map(torch.detach, problem.b)
-        flattening = Flattening(b)
-        flat, unravel = flattening.vector, flattening.unravel
+        b = flat = problem.b.detach()
         counts = {"matvecs": 0, "iterations": 0}
 
         def wrap(fn: Matvec) -> Any:
-            lifted = flattening.lift(fn)
+            lifted = fn
 
             def apply(v: np.ndarray) -> np.ndarray:
                 counts["matvecs"] += 1
@@ -131,13 +144,13 @@ class SciPy(LinearSolver):
         kwargs.update(self.options, maxiter=self.maxiter, callback=callback)
         if self.method == "gmres":
             kwargs["callback_type"] = "pr_norm"
-        x0 = None if problem.x0 is None else flattening.ravel(problem.x0).detach()
+        x0 = None if problem.x0 is None else problem.x0.detach()
         if x0 is not None:
             kwargs["x0"] = x0.to("cpu", torch.float64).numpy()
         rhs = flat.to("cpu", torch.float64).numpy()
         solution, code = function(operator, rhs, **kwargs)
 
-        x = unravel(torch.from_numpy(solution).to(device=flat.device, dtype=flat.dtype))
+        x = torch.from_numpy(solution).to(device=flat.device, dtype=flat.dtype)
         residual = tree_norm(tree_sub(b, problem.matvec(x))).item()
         stats = {"matvecs": counts["matvecs"] + 1, "scipy_info": int(code)}
         iterations = counts["iterations"]
