@@ -10,7 +10,18 @@ from .implicit import (
     root_jvp,
     root_vjp,
 )
-from .linear import CG, GMRES, MINRES, Dense, LinearSolver, Neumann, NormalCG, SciPy, SolveInfo
+from .linear import (
+    CG,
+    GMRES,
+    MINRES,
+    Dense,
+    LinearSolver,
+    Neumann,
+    NormalCG,
+    Result,
+    SciPy,
+    SolveInfo,
+)
 from .optimality import fixed_point, projected_gradient, proximal_gradient, stationarity
 from .projection import projection_box, projection_l2_ball, projection_simplex
 from .prox import prox_elastic_net, prox_lasso
@@ -28,6 +39,7 @@ __all__ = [
     "LinearSolver",
     "Neumann",
     "NormalCG",
+    "Result",
     "SciPy",
     "SolveInfo",
     "custom_fixed_point",

@@ -22,7 +22,7 @@ import torch
 
 from .._transforms import any_batched
 from ..errors import ConvergenceError, ConvergenceWarning
-from ..linear import LinearSolver, SolveInfo
+from ..linear import LinearSolver, Result, SolveInfo
 from ..tree import Tree, tree_leaves, tree_map, tree_norm
 from ._rules import explain_mutation
 
@@ -84,47 +84,56 @@ def check_policy(
 
 
 def failure_message(info: SolveInfo, name: str, solver: LinearSolver, direction: str) -> str:
-    """The message for a failed linear solve: what happened, why it matters, what to do."""
+    """The message for a failed linear solve: what happened, why it matters, what to do.
+
+    The generic meaning and remedy come from the outcome's [`Result`][bilevel.Result]; this
+    adds what they mean for the gradient and the numbers of this solve.
+
+    Args:
+        info: the failed solve's diagnostics.
+        name: the inner solver's name, for the message.
+        solver: the linear solver used.
+        direction: ``"backward"`` (reverse mode) or ``"forward"`` (forward mode).
+
+    Returns:
+        One paragraph naming the cause and the fix.
+    """
     outcome = info.outcome
     residual = _host(info.residual_norm)
     head = f"implicit differentiation of {name} ({direction} linear solve, {solver!r}): "
-    if outcome == "nonfinite_input":
+    if outcome is Result.NONFINITE_INPUT:
         return head + (
             "the cotangent reaching x* holds NaN/Inf, so the gradient is NaN. It comes from "
             "the outer loss or from a layer applied to x* after this solve, not from the "
             "linear solve: check the outer loss at x* (e.g. log of 0, division by 0)."
         )
-    if outcome == "nonfinite":
+    if outcome is Result.NONFINITE:
         return head + (
-            f"NaN/Inf appeared during the solve ({info.iterations} iterations): either the "
-            "iteration diverged (Neumann with too large an alpha — leave alpha=None to "
-            "estimate it; a singular ∂F/∂x — add ridge=) or the products with ∂F/∂x are "
-            "non-finite (a non-finite inner solution?). The gradient is not trustworthy."
+            f"{outcome.message} ({info.iterations} iterations); a non-finite inner solution "
+            f"would do it too. The gradient is not trustworthy. Fix: {outcome.fix}."
         )
-    if outcome == "diverged":
+    if outcome is Result.DIVERGED:
         return head + (
-            f"the fixed-K solve diverged (final residual "
-            f"{_host(info.stats['final_residual_norm']):.3g} above ‖b‖), so x = 0 was used "
-            "and the implicit term of the gradient is zero. For Neumann lower alpha (or leave "
-            "alpha=None to estimate it); for indefinite ∂F/∂x use bl.MINRES or add ridge=."
+            f"{outcome.message} (final residual "
+            f"{_host(info.stats['final_residual_norm']):.3g}), so the implicit term of the "
+            f"gradient is zero. Fix: {outcome.fix}."
         )
-    if outcome == "breakdown" and info.fixed:
+    if outcome is Result.BREAKDOWN and info.fixed:
         return head + (
             f"the fixed-K solve broke down in {int(info.stats['breakdowns'])} of "
             f"{info.iterations} iterations (e.g. a singular or not positive definite ∂F/∂x); "
-            f"the iterate reached before it (residual {residual:.3g}) was used. Use bl.MINRES "
-            "for symmetric indefinite systems, bl.GMRES otherwise, or add ridge=."
+            f"the iterate reached before it (residual {residual:.3g}) was used. "
+            f"Fix: {outcome.fix}."
         )
     message = head + (
-        f"stopped with reason={info.reason!r} after {info.iterations} iterations (residual "
-        f"{residual:.3g}). The gradient is only as accurate as that residual; raise maxiter, "
-        "loosen tol, add ridge=, or pass on_failure='ignore'."
+        f"stopped with reason='{info.reason}' after {info.iterations} iterations (residual "
+        f"{residual:.3g}): {outcome.message}. The gradient is only as accurate as that "
+        f"residual. Fix: {outcome.fix}, or pass on_failure='ignore'."
     )
-    if info.reason == "breakdown":
+    if outcome is Result.BREAKDOWN:
         message += (
-            " A breakdown means ∂F/∂x is not positive definite (CG) or singular (Dense) at "
-            "the inner solution (e.g. a saddle point or an unconverged inner solve): damp "
-            "with ridge=, or use bl.MINRES / bl.GMRES."
+            " For a hypergradient, ∂F/∂x is then not positive definite (CG) or singular (Dense) "
+            "at the inner solution: a saddle point, or an unconverged inner solve."
         )
     return message
 

@@ -1,6 +1,7 @@
 """Matrix-free linear solvers sharing one protocol: ``x, info = solver(matvec, b, x0, rmatvec)``."""
 
 from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
+from ._results import Result
 from .cg import CG
 from .dense import Dense
 from .gmres import GMRES
@@ -19,6 +20,7 @@ __all__ = [
     "Matvec",
     "Neumann",
     "NormalCG",
+    "Result",
     "SciPy",
     "SolveInfo",
 ]

@@ -46,6 +46,7 @@ from ..tree import (
     tree_ravel,
     tree_zeros_like,
 )
+from ._results import Result
 
 Matvec = Callable[[Tree], Tree]
 """A linear map on trees, ``v ↦ A v``."""
@@ -54,8 +55,13 @@ __all__ = ["Flattening", "LinearProblem", "LinearSolver", "Matvec", "SolveInfo"]
 
 #: Reasons a solve stops. ``fixed_iterations`` is the only reason a fixed-K solve reports
 #: (its outcome lives in 0-d tensors: ``converged`` and the ``stats`` entries).
-REASONS = ("converged", "max_iterations", "breakdown", "nonfinite", "fixed_iterations")
-_FAILURES = ("max_iterations", "breakdown", "nonfinite")
+REASONS = (
+    Result.CONVERGED,
+    Result.MAX_ITERATIONS,
+    Result.BREAKDOWN,
+    Result.NONFINITE,
+    Result.FIXED_ITERATIONS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +74,9 @@ class SolveInfo:
         iterations: iterations performed (each costs about one ``matvec``).
         residual_norm: ``‖b − (A + ridge·I) x‖`` for the returned ``x`` as tracked by the
             solver's recurrence (a 0-d tensor in fixed-K mode).
-        reason: one of ``"converged"``, ``"max_iterations"``, ``"breakdown"`` (the method's
-            assumption failed, e.g. CG met ``pᵀAp ≤ 0``, or ``Dense`` met a singular
+        reason: a [`Result`][bilevel.Result] (a string enum, so ``info.reason ==
+            "converged"`` holds): ``"converged"``, ``"max_iterations"``, ``"breakdown"``
+            (the method's assumption failed, e.g. CG met ``pᵀAp ≤ 0``, or ``Dense`` met a singular
             matrix), ``"nonfinite"`` (NaN/Inf in ``b`` — then ``x`` is NaN and
             ``stats["nonfinite_input"]`` is true — or produced by the iteration), or
             ``"fixed_iterations"`` (fixed-K mode).
@@ -85,13 +92,21 @@ class SolveInfo:
     converged: bool | torch.Tensor
     iterations: int | torch.Tensor
     residual_norm: float | torch.Tensor
-    reason: str
+    reason: Result
     stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, Result):  # a plain string from user code
+            if self.reason not in REASONS:
+                raise ValueError(
+                    f"reason must be one of {[str(r) for r in REASONS]}, got {self.reason!r}"
+                )
+            object.__setattr__(self, "reason", Result(self.reason))
 
     @property
     def fixed(self) -> bool:
         """True for the info of a fixed-K solve (fields are 0-d tensors)."""
-        return self.reason == "fixed_iterations"
+        return self.reason == Result.FIXED_ITERATIONS
 
     @property
     def failed(self) -> bool:
@@ -103,26 +118,41 @@ class SolveInfo:
         reads its 0-d tensors on the host (one sync): do not call it under ``vmap``.
         """
         if not self.fixed:
-            return self.reason in _FAILURES
+            return self.reason.failure
         breakdowns = self.stats.get("breakdowns", 0)
         return not bool(self.converged) or bool(breakdowns > 0)
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Result:
         """The reason, with a fixed-K solve's tensors resolved: ``"fixed_iterations"``,
-        ``"diverged"``, ``"breakdown"``, ``"nonfinite"`` or ``"nonfinite_input"`` (one sync)."""
+        ``"diverged"``, ``"breakdown"``, ``"nonfinite"`` or ``"nonfinite_input"`` (one sync);
+        a [`Result`][bilevel.Result], whose ``message`` and ``fix`` explain it."""
         stats = self.stats
         if not self.fixed:
-            return "nonfinite_input" if stats.get("nonfinite_input") else self.reason
+            return Result.NONFINITE_INPUT if stats.get("nonfinite_input") else self.reason
         if bool(stats.get("nonfinite_input", False)):
-            return "nonfinite_input"
+            return Result.NONFINITE_INPUT
         if bool(stats.get("nonfinite", False)):
-            return "nonfinite"
+            return Result.NONFINITE
         if bool(stats.get("diverged", False)) or not bool(self.converged):
-            return "diverged"
+            return Result.DIVERGED
         if bool(stats.get("breakdowns", 0) > 0):
-            return "breakdown"
-        return "fixed_iterations"
+            return Result.BREAKDOWN
+        return Result.FIXED_ITERATIONS
+
+    def explain(self) -> str:
+        """What this solve's outcome means and, for a failure, what to change (one sync).
+
+        Returns:
+            ``"<outcome> after <k> iterations (residual <r>): <message>. Fix: <fix>."``
+        """
+        residual = self.residual_norm
+        value = float(residual.detach()) if isinstance(residual, torch.Tensor) else residual
+        outcome = self.outcome
+        return (
+            f"{outcome} after {int(self.iterations)} iterations (residual {value:.3g}): "
+            f"{outcome.explain()}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,9 +375,9 @@ class LinearSolver(abc.ABC):
             # NaN, not zeros: a NaN cotangent must reach the gradient as NaN (what plain
             # autograd would give), never as a plausible zero.
             x = tree_map(lambda t: torch.full_like(t, math.nan), problem.b)
-            return x, SolveInfo(False, 0, b_norm, "nonfinite", {"nonfinite_input": True})
+            return x, SolveInfo(False, 0, b_norm, Result.NONFINITE, {"nonfinite_input": True})
         if b_norm == 0.0:
-            return tree_zeros_like(problem.b), SolveInfo(True, 0, 0.0, "converged")
+            return tree_zeros_like(problem.b), SolveInfo(True, 0, 0.0, Result.CONVERGED)
         return None
 
     def _adaptive_info(
@@ -355,10 +385,10 @@ class LinearSolver(abc.ABC):
     ) -> SolveInfo:
         """Info for an adaptive solve that ran out of budget or converged."""
         if not math.isfinite(residual_norm):
-            return SolveInfo(False, iterations, residual_norm, "nonfinite", stats)
+            return SolveInfo(False, iterations, residual_norm, Result.NONFINITE, stats)
         if residual_norm <= self._threshold(b_norm):
-            return SolveInfo(True, iterations, residual_norm, "converged", stats)
-        return SolveInfo(False, iterations, residual_norm, "max_iterations", stats)
+            return SolveInfo(True, iterations, residual_norm, Result.CONVERGED, stats)
+        return SolveInfo(False, iterations, residual_norm, Result.MAX_ITERATIONS, stats)
 
     def _fixed_info(self, residual_norm: torch.Tensor, iterations: int, **stats: Any) -> SolveInfo:
         """Info for a fixed-K solve before the divergence guard of ``__call__`` (no sync).
@@ -367,7 +397,7 @@ class LinearSolver(abc.ABC):
         ``diverged`` and ``nonfinite_input``.
         """
         return SolveInfo(
-            torch.isfinite(residual_norm), iterations, residual_norm, "fixed_iterations", stats
+            torch.isfinite(residual_norm), iterations, residual_norm, Result.FIXED_ITERATIONS, stats
         )
 
 
@@ -408,7 +438,7 @@ def _guard_fixed(problem: LinearProblem, x: Tree, info: SolveInfo) -> tuple[Tree
     )
     converged = torch.as_tensor(info.converged, device=b_norm.device)
     converged = converged & finite_b & ~diverged & ~nonfinite
-    return x, SolveInfo(converged, info.iterations, returned, "fixed_iterations", stats)
+    return x, SolveInfo(converged, info.iterations, returned, Result.FIXED_ITERATIONS, stats)
 
 
 def _check_nonnegative_number(value: object, name: str) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..tree import Tree, tree_dot
 from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo, _CheckedOperator
+from ._results import Result
 
 __all__ = ["CG"]
 
@@ -114,7 +115,7 @@ class CG(LinearSolver):
             curvature_t = tree_dot(p, ap)
             curvature = curvature_t.item()
             if not curvature > 0.0:
-                reason = "nonfinite" if curvature != curvature else "breakdown"
+                reason = Result.NONFINITE if curvature != curvature else Result.BREAKDOWN
                 info = SolveInfo(False, iterations, r_norm, reason, {"matvecs": matvecs})
                 return x, info
             track = torch.is_grad_enabled() and (ap.requires_grad or b.requires_grad)
@@ -203,7 +204,9 @@ class CG(LinearSolver):
             "diverged": ~torch.isfinite(r_norm),
             "matvecs": matvecs,
         }
-        return x, SolveInfo(torch.isfinite(r_norm), self.maxiter, r_norm, "fixed_iterations", stats)
+        return x, SolveInfo(
+            torch.isfinite(r_norm), self.maxiter, r_norm, Result.FIXED_ITERATIONS, stats
+        )
 
 
 def _identity(r: Tree) -> Tree:

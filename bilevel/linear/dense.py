@@ -8,6 +8,7 @@ import torch
 
 from .._transforms import any_batched
 from ._base import LinearProblem, LinearSolver, SolveInfo
+from ._results import Result
 
 __all__ = ["Dense"]
 
@@ -86,18 +87,18 @@ class Dense(LinearSolver):
         if any_batched(problem.b):
             stats["breakdowns"] = (~ok).to(torch.int64)
             return x, SolveInfo(
-                ok & torch.isfinite(residual), 0, residual, "fixed_iterations", stats
+                ok & torch.isfinite(residual), 0, residual, Result.FIXED_ITERATIONS, stats
             )
         residual_norm = residual.item()
         stats["rcond"] = rcond.item()
         if not bool(torch.isfinite(b).all()):
             x = torch.full_like(b, float("nan"))
             stats["nonfinite_input"] = True
-            return x, SolveInfo(False, 0, float("nan"), "nonfinite", stats)
+            return x, SolveInfo(False, 0, float("nan"), Result.NONFINITE, stats)
         if not bool(ok):
-            return x, SolveInfo(False, 0, residual_norm, "breakdown", stats)
+            return x, SolveInfo(False, 0, residual_norm, Result.BREAKDOWN, stats)
         finite = residual_norm < float("inf")  # false for inf and nan
-        reason = "converged" if finite else "nonfinite"
+        reason = Result.CONVERGED if finite else Result.NONFINITE
         return x, SolveInfo(finite, 0, residual_norm, reason, stats)
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ._base import LinearProblem, LinearSolver, SolveInfo
+from ._results import Result
 
 __all__ = ["MINRES"]
 
@@ -125,8 +126,14 @@ class MINRES(LinearSolver):
             # Only a skipped step (T_k singular: a singular, inconsistent system) is a failure,
             # the same verdict fixed-K mode gives.
             if int(breakdowns) > 0:
-                return x, SolveInfo(False, iterations, r_norm, "breakdown", {"matvecs": matvecs})
+                return x, SolveInfo(
+                    False, iterations, r_norm, Result.BREAKDOWN, {"matvecs": matvecs}
+                )
             return x, SolveInfo(
-                True, iterations, r_norm, "converged", {"matvecs": matvecs, "invariant_space": True}
+                True,
+                iterations,
+                r_norm,
+                Result.CONVERGED,
+                {"matvecs": matvecs, "invariant_space": True},
             )
         return x, self._adaptive_info(r_norm, iterations, b_norm, matvecs=matvecs)

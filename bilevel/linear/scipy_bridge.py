@@ -12,6 +12,7 @@ import torch
 from .._transforms import any_wrapped
 from ..tree import Tree, tree_norm, tree_sub
 from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
+from ._results import Result
 
 __all__ = ["SciPy"]
 
@@ -156,10 +157,16 @@ class SciPy(LinearSolver):
         iterations = counts["iterations"]
         finite = math.isfinite(residual)
         if self.fixed_iterations:
-            return x, SolveInfo(finite, iterations, residual, "fixed_iterations", stats)
+            return x, SolveInfo(finite, iterations, residual, Result.FIXED_ITERATIONS, stats)
         if not finite:
-            return x, SolveInfo(False, iterations, residual, "nonfinite", stats)
-        reason = "converged" if code == 0 else "max_iterations" if code > 0 else "breakdown"
+            return x, SolveInfo(False, iterations, residual, Result.NONFINITE, stats)
+        reason = (
+            Result.CONVERGED
+            if code == 0
+            else Result.MAX_ITERATIONS
+            if code > 0
+            else Result.BREAKDOWN
+        )
         return x, SolveInfo(code == 0, iterations, residual, reason, stats)
 
     def _tolerances(self, function: Any, b_norm: float) -> dict[str, float]:
