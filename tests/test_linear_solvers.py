@@ -100,12 +100,22 @@ def _configure(case: SolverCase, op: Operator, dtype: torch.dtype) -> bl.LinearS
     )
 
 
+@pytest.mark.parametrize("tagged", [False, True], ids=["matvec", "spd_operator"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("operator", list(OPERATORS))
 @pytest.mark.parametrize("case", solvers())
-def test_solver_matches_linalg_solve(case: SolverCase, operator: str, dtype: torch.dtype) -> None:
+def test_solver_matches_linalg_solve(
+    case: SolverCase, operator: str, dtype: torch.dtype, tagged: bool
+) -> None:
     op = OPERATORS[operator](dtype)
-    x, info = _configure(case, op, dtype)(op.matvec, op.b)
+    # The same SPD matrix as a plain matvec, or as a LinearOperator that says so (Dense then
+    # takes Cholesky, NormalCG and SciPy take A itself as Aᵀ).
+    matvec = (
+        bl.LinearOperator(op.matvec, symmetric=True, positive_semidefinite=True)
+        if tagged
+        else op.matvec
+    )
+    x, info = _configure(case, op, dtype)(matvec, op.b)
 
     reference = torch.linalg.solve(op.matrix.double(), op.ravel(op.b).double())
     # Same tree structure, shapes and dtypes as b.

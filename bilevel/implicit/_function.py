@@ -179,7 +179,14 @@ def _binding(owner: ImplicitFunction) -> type[torch.autograd.Function]:
                 ctx.x_spec,
             )
             grads, info, unused = vjp_rule(
-                owner.optimality_fn, x_star, args, cotangent, owner.solver, diff, owner.symmetric
+                owner.optimality_fn,
+                x_star,
+                args,
+                cotangent,
+                owner.solver,
+                diff,
+                owner.symmetric,
+                on_linearised=owner._symmetry_probe(),
             )
             owner._report(info, "backward")
             owner._warn_unused(unused)
@@ -314,6 +321,7 @@ class ImplicitFunction(Diagnosed):
         self.callback = callback
         self.latest_info: SolveInfo | None = None
         self._dependence_checked = False
+        self._symmetry_checked = False
         self._layout: tuple[Any, Any, list[Any]] | None = None
         functools.update_wrapper(self, inner_solver)
         self._function = _binding(self)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .._transforms import any_wrapped
-from ..linear import CG, GMRES, LinearSolver, SolveInfo
+from ..linear import CG, GMRES, LinearOperator, LinearSolver, SolveInfo
 from ..optimality import OptimalityFn, is_symmetric
 from ..tree import (
     Tree,
@@ -176,12 +176,19 @@ class Linearisation:
         pull_args: ``w ↦ [Bᵢᵀ w for each differentiated argument i]``; may be called once.
         unused: after ``pull_args``, the differentiated arguments that provably do not enter
             ``F`` (``None`` where this is not known: under ``torch.func`` transforms).
+        symmetric: ``F`` declares ``A`` symmetric (then ``matvec`` is ``rmatvec``).
     """
 
     rmatvec: Operator
     matvec: Operator
     pull_args: Callable[[Tree], list[Tree]]
     unused: list[int] | None = None
+    symmetric: bool = False
+
+    def adjoint(self) -> LinearOperator:
+        """``Aᵀ`` as a [`LinearOperator`][bilevel.LinearOperator]: the adjoint system's
+        operator, whose own transpose is ``A``, tagged with ``F``'s symmetry."""
+        return LinearOperator(self.rmatvec, self.matvec, symmetric=self.symmetric)
 
 
 def _checked(optimality_fn: OptimalityFn, x_star: Tree, args: Sequence[Any]) -> Operator:
@@ -253,7 +260,9 @@ def _linearise_func(
             vjp_args = torch.func.vjp(f_args, *(args[i] for i in diff))[1]
         return list(vjp_args(w))
 
-    return Linearisation(rmatvec, rmatvec if symmetric else _Lazy(matvec), pull_args)
+    return Linearisation(
+        rmatvec, rmatvec if symmetric else _Lazy(matvec), pull_args, symmetric=symmetric
+    )
 
 
 def _linearise_autograd(
@@ -309,7 +318,9 @@ def _linearise_autograd(
         with explain_mutation("optimality_fn"):
             return _jvp_operator(lambda x: optimality_fn(x, *args), [x_plain])
 
-    lin = Linearisation(rmatvec, rmatvec if symmetric else _Lazy(matvec), lambda w: [])
+    lin = Linearisation(
+        rmatvec, rmatvec if symmetric else _Lazy(matvec), lambda w: [], symmetric=symmetric
+    )
 
     def pull_args(w: Tree) -> list[Tree]:
         missing: list[bool] = []
@@ -332,7 +343,7 @@ def adjoint_solve(
     lin: Linearisation, cotangent: Tree, solver: LinearSolver
 ) -> tuple[Tree, SolveInfo]:
     """``u`` with ``Aᵀu = cotangent``; the solve's operator transpose is ``A`` itself."""
-    return solver(lin.rmatvec, cotangent, rmatvec=lin.matvec)
+    return solver(lin.adjoint(), cotangent)
 
 
 def vjp_rule(
@@ -343,13 +354,17 @@ def vjp_rule(
     solver: LinearSolver,
     diff: Sequence[int],
     symmetric: bool,
+    on_linearised: Callable[[Linearisation, Tree], None] | None = None,
 ) -> tuple[list[Tree], SolveInfo, list[int] | None]:
     """``(−Bᵢᵀu for each i in diff, info, unused)`` with ``Aᵀu = cotangent``.
 
     ``unused`` lists the differentiated arguments that provably do not enter ``F`` (``None``
-    where that is unknown).
+    where that is unknown). ``on_linearised(lin, cotangent)``, when given, sees the
+    linearisation before the solve (the diagnostics' symmetry probe).
     """
     lin = linearise(optimality_fn, x_star, args, diff, symmetric)
+    if on_linearised is not None:  # before pull_args, which may free the recorded graph
+        on_linearised(lin, cotangent)
     u, info = adjoint_solve(lin, cotangent, solver)
     if not diff:
         return [], info, None
@@ -383,7 +398,8 @@ def jvp_rule(
 
     # A = Aᵀ: a VJP through one reused graph is the cheapest product.
     matvec = vjp_matvec if symmetric else _jvp_operator(fx, [x_star])
-    return solver(matvec, tree_map(torch.neg, bt), rmatvec=vjp_matvec)
+    operator = LinearOperator(matvec, vjp_matvec, symmetric=symmetric)
+    return solver(operator, tree_map(torch.neg, bt))
 
 
 def root_vjp(

@@ -152,7 +152,9 @@ class Diagnosed:
     solver: LinearSolver
     __wrapped__: Callable[..., Any]
     latest_info: SolveInfo | None
+    symmetric: bool
     _dependence_checked: bool
+    _symmetry_checked: bool
 
     @property
     def _name(self) -> str:
@@ -234,3 +236,55 @@ class Diagnosed:
                 "iMAML's proximal term λ(φ − θ)).",
                 UserWarning,
             )
+
+    def _symmetry_probe(self) -> Callable[[Any, Tree], None] | None:
+        """The one-time symmetry check for a solver that assumes ``A = Aᵀ``, or ``None``.
+
+        CG and MINRES solve ``Aᵀu = v`` correctly only when ``A = ∂F/∂x`` is symmetric; on a
+        non-symmetric ``A`` they return a wrong ``u`` that looks converged. An optimality
+        condition marked ``symmetric`` (``bl.stationarity``) is trusted; for any other, the
+        first backward pass compares ``A w`` with ``Aᵀw`` for one random ``w`` (one JVP and
+        one VJP, once per implicit function, never under transforms or while compiling).
+        """
+        if (
+            self._symmetry_checked
+            or self.symmetric
+            or not type(self.solver).assumes_symmetric
+            or _silent()
+        ):
+            return None
+        return self._check_symmetry
+
+    def _check_symmetry(self, lin: Any, cotangent: Tree) -> None:
+        if any_batched(cotangent):
+            return  # nothing can be read on the host under vmap: ask again eagerly
+        self._symmetry_checked = True
+        leaves = tree_leaves(cotangent)
+        if not leaves:
+            return
+        generator = torch.Generator(device=leaves[0].device).manual_seed(0)
+        w = tree_map(
+            lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device),
+            cotangent,
+        )
+        try:
+            aw = tree_map(torch.detach, lin.matvec(w))
+            atw = tree_map(torch.detach, lin.rmatvec(w))
+        except (RuntimeError, TypeError, NotImplementedError, ValueError):
+            return  # F's Jacobian-vector product is unavailable: nothing to compare
+        scale = max(float(tree_norm(aw)), float(tree_norm(atw)))
+        if not scale > 0:
+            return
+        mismatch = float(tree_norm(tree_map(torch.sub, aw, atw))) / scale
+        threshold = 100 * math.sqrt(torch.finfo(leaves[0].dtype).eps)
+        if not mismatch > threshold:
+            return
+        self._fail(
+            f"implicit differentiation of {self._name}: the linear solver {self.solver!r} "
+            "assumes a symmetric ∂F/∂x, but optimality_fn's is not symmetric "
+            f"(‖(A − Aᵀ)w‖/‖Aw‖ = {mismatch:.2g} for a random w), so it would solve the wrong "
+            "system and the gradient would be wrong without any other sign. Use bl.GMRES, "
+            "bl.NormalCG or bl.Dense for a non-symmetric ∂F/∂x (the default when the solver "
+            "is omitted).",
+            None,
+        )

@@ -1,6 +1,7 @@
 """Matrix-free linear solvers sharing one protocol: ``x, info = solver(matvec, b, x0, rmatvec)``."""
 
 from ._base import LinearProblem, LinearSolver, Matvec, SolveInfo
+from ._operator import LinearOperator
 from ._results import Result
 from .cg import CG
 from .dense import Dense
@@ -15,6 +16,7 @@ __all__ = [
     "GMRES",
     "MINRES",
     "Dense",
+    "LinearOperator",
     "LinearProblem",
     "LinearSolver",
     "Matvec",

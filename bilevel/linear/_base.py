@@ -46,6 +46,7 @@ from ..tree import (
     tree_ravel,
     tree_zeros_like,
 )
+from ._operator import LinearOperator
 from ._results import Result
 
 Matvec = Callable[[Tree], Tree]
@@ -173,6 +174,9 @@ class LinearProblem:
         rmatvec: ``u ↦ (A + ridge·I)ᵀ u`` on flat vectors, or ``None`` when not given.
         flattening: the map between the caller's trees and the flat vectors, or ``None``
             for a problem built directly on vectors (e.g. NormalCG's inner CG).
+        symmetric: the caller's [`LinearOperator`][bilevel.LinearOperator] declares
+            ``A = Aᵀ`` (then ``rmatvec`` is ``matvec``).
+        positive_semidefinite: the operator declares ``A`` symmetric positive semidefinite.
     """
 
     matvec: Matvec
@@ -180,6 +184,8 @@ class LinearProblem:
     x0: Tree | None
     rmatvec: Matvec | None
     flattening: Flattening | None = None
+    symmetric: bool = False
+    positive_semidefinite: bool = False
 
 
 class Flattening:
@@ -262,7 +268,9 @@ class LinearSolver(abc.ABC):
         ridge: solve ``(A + ridge·I) x = b`` instead; damps indefinite or singular systems.
     """
 
-    #: Whether the solver assumes a symmetric ``A`` (documentation and default selection).
+    #: Whether the solver assumes a symmetric ``A`` (CG, MINRES). The implicit layer reads it:
+    #: such a solver on an optimality condition not declared symmetric triggers a one-time
+    #: probe of ``∂F/∂x``'s symmetry, since on a non-symmetric ``A`` it solves the wrong system.
     assumes_symmetric: ClassVar[bool] = False
 
     def __init__(
@@ -302,7 +310,9 @@ class LinearSolver(abc.ABC):
         """Solve ``(A + ridge·I) x = b``.
 
         Args:
-            matvec: ``v ↦ A v``, a linear map from trees shaped like ``b`` to such trees.
+            matvec: ``v ↦ A v``, a linear map from trees shaped like ``b`` to such trees, or a
+                [`LinearOperator`][bilevel.LinearOperator] carrying ``A``'s transpose and
+                structure (symmetric, positive semidefinite).
             b: the right-hand side, a tree of floating-point tensors.
             x0: the initial guess, a tree shaped like ``b``; ``None`` starts from zero.
             rmatvec: ``u ↦ Aᵀ u`` for the solvers that apply the transpose (NormalCG,
@@ -323,6 +333,8 @@ class LinearSolver(abc.ABC):
             raise TypeError(f"matvec must be callable (tree -> tree), got {type(matvec).__name__}")
         if rmatvec is not None and not callable(rmatvec):
             raise TypeError(f"rmatvec must be callable or None, got {type(rmatvec).__name__}")
+        operator = _as_operator(matvec, rmatvec)
+        rmatvec = operator.transpose_matvec
         check_float_tree(b, name="b")
         if x0 is not None:
             check_same_structure(b, x0, reference_name="b", other_name="x0")
@@ -330,13 +342,15 @@ class LinearSolver(abc.ABC):
         # update is then a single kernel whatever the tree (one ravel/unravel per matvec).
         flat = Flattening(b)
         problem = LinearProblem(
-            matvec=_flat_operator(flat, matvec, "matvec", self.ridge),
+            matvec=_flat_operator(flat, operator.matvec, "matvec", self.ridge),
             b=flat.vector,
             x0=None if x0 is None else flat.ravel(x0),
             rmatvec=None
             if rmatvec is None
             else _flat_operator(flat, rmatvec, "rmatvec", self.ridge),
             flattening=flat,
+            symmetric=operator.symmetric,
+            positive_semidefinite=operator.positive_semidefinite,
         )
         if not self.fixed_iterations:
             if any_batched(b) or (x0 is not None and any_batched(x0)):
@@ -439,6 +453,20 @@ def _guard_fixed(problem: LinearProblem, x: Tree, info: SolveInfo) -> tuple[Tree
     converged = torch.as_tensor(info.converged, device=b_norm.device)
     converged = converged & finite_b & ~diverged & ~nonfinite
     return x, SolveInfo(converged, info.iterations, returned, Result.FIXED_ITERATIONS, stats)
+
+
+def _as_operator(matvec: Matvec, rmatvec: Matvec | None) -> LinearOperator:
+    """The solver's one reading of what the caller knows about ``A``."""
+    if not isinstance(matvec, LinearOperator):
+        return LinearOperator(matvec, rmatvec)
+    if rmatvec is not None:
+        if matvec.rmatvec is not None:
+            raise ValueError(
+                "rmatvec was given twice: as the solver's rmatvec= and as the LinearOperator's; "
+                "pass it in one place"
+            )
+        return dataclasses.replace(matvec, rmatvec=rmatvec)
+    return matvec
 
 
 def _check_nonnegative_number(value: object, name: str) -> None:

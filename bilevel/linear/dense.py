@@ -43,6 +43,11 @@ class Dense(LinearSolver):
     ``"fixed_iterations"``, and a failed element's ``x`` is zero. Dense is therefore usable
     wherever a fixed-K solver is.
 
+    Cholesky is also used when ``A`` comes as a
+    [`LinearOperator`][bilevel.LinearOperator] tagged ``positive_semidefinite`` (with
+    ``ridge > 0`` that makes ``A + ridge·I`` positive definite; a singular semidefinite ``A``
+    without ridge is reported as a breakdown, as LU would find it singular too).
+
     Args:
         positive_definite: use Cholesky; the caller promises ``A + ridge·I`` is SPD.
         ridge: solve ``(A + ridge·I) x = b`` instead (damps indefinite or singular ``A``).
@@ -66,7 +71,7 @@ class Dense(LinearSolver):
         b = problem.b
         matrix = materialise(problem.matvec, b)
         n = b.shape[-1]
-        if self.positive_definite:
+        if self.positive_definite or problem.positive_semidefinite:
             factor, status = torch.linalg.cholesky_ex(matrix)
             x = torch.cholesky_solve(b[:, None], factor)[:, 0]
             pivots = torch.diagonal(factor).detach().abs() ** 2
