@@ -113,6 +113,28 @@ def test_fixed_k_cg_on_the_reported_indefinite_diagonal() -> None:
             assert rel_err(x, x_star) <= 1e-10, k
 
 
+def test_fixed_k_cg_that_makes_no_progress_on_an_indefinite_system_is_a_breakdown() -> None:
+    # diag(1, −3), b = (1, 1): the first step has curvature −2 and doubles the residual, so
+    # one step cannot beat x₀ = 0. Returning 0 silently would be a zero hypergradient.
+    a = torch.diag(torch.tensor([1.0, -3.0], dtype=F64))
+    b = torch.ones(2, dtype=F64)
+    x, info = bl.CG(tol=0, maxiter=1)(lambda v: a @ v, b)
+    assert torch.equal(x, torch.zeros(2, dtype=F64))
+    assert info.failed and info.outcome == "breakdown" and int(info.stats["breakdowns"]) == 1
+    # Two steps span the Krylov space of two eigenvalues: exact, and not a failure.
+    x, info = bl.CG(tol=0, maxiter=2)(lambda v: a @ v, b)
+    assert rel_err(x, torch.linalg.solve(a, b)) <= 1e-12 and not info.failed
+
+    # Through custom_root: F = a x − θ has the root x* = a⁻¹θ, ∂(sum x*)/∂θ = a⁻ᵀ1.
+    @bl.custom_root(lambda x, theta: a @ x - theta, solver=bl.CG(tol=0, maxiter=1))
+    def solve(x0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(a, theta)
+
+    theta = torch.ones(2, dtype=F64, requires_grad=True)
+    with pytest.warns(bl.ConvergenceWarning, match="negative curvature in 1 of 1"):
+        solve(torch.zeros(2, dtype=F64), theta).sum().backward()
+
+
 def _indefinite(n: int, negatives: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An iMAML-like ``H + λI``: Q diag(e) Qᵀ with a few eigenvalues in [−3, −0.5]."""
     g = torch.Generator().manual_seed(seed)

@@ -118,6 +118,15 @@ def failure_message(info: SolveInfo, name: str, solver: LinearSolver, direction:
             f"{_host(info.stats['final_residual_norm']):.3g}), so the implicit term of the "
             f"gradient is zero. Fix: {outcome.fix}."
         )
+    negative = info.stats.get("negative_curvature")
+    if outcome is Result.BREAKDOWN and info.fixed and negative is not None and int(negative) > 0:
+        return head + (
+            f"CG met negative curvature in {int(negative)} of {info.iterations} iterations "
+            "(∂F/∂x is indefinite: e.g. a Hessian at a saddle point, or iMAML's H + λI with an "
+            "eigenvalue of H below −λ) and no iterate improved on the start, so x = x0 was used "
+            f"(residual {residual:.3g}) and the implicit gradient is zero or meaningless. "
+            f"Fix: {outcome.fix}."
+        )
     if outcome is Result.BREAKDOWN and info.fixed:
         return head + (
             f"the fixed-K solve broke down in {int(info.stats['breakdowns'])} of "

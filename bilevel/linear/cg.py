@@ -37,7 +37,9 @@ class CG(LinearSolver):
       positive it returns the last iterate (on an SPD ``A`` its ``A``-norm error is at most
       that of ``x₀``, even where the residual is above ``‖b‖``); once ``A`` is proven
       indefinite, the iterate with the smallest residual norm seen, so the residual never
-      exceeds that of the start (``‖b‖`` from ``x₀ = 0``). A vanishing pivot
+      exceeds that of the start (``‖b‖`` from ``x₀ = 0``). If no iterate improves on
+      ``x₀`` there, the solve counts as a breakdown (``info.failed``): returning ``x₀``
+      would otherwise be a silent zero hypergradient. A vanishing pivot
       ``|pᵀAp| ≤ ε‖p‖‖Ap‖`` (or a non-finite value) freezes the iterate and counts in
       ``info.stats["breakdowns"]``. On a 200-dim
       ``H + λI`` with 6 negative eigenvalues this reaches relative error 0.07 / 1e-15 at
@@ -164,6 +166,7 @@ class CG(LinearSolver):
         breakdowns = torch.zeros((), dtype=torch.int64, device=rz.device)
         negative = torch.zeros((), dtype=torch.int64, device=rz.device)
         best_x, best_norm = x, torch.linalg.vector_norm(r)
+        improved = torch.zeros((), dtype=torch.bool, device=rz.device)
         for _ in range(self.maxiter):
             ap = matvec(p)
             curvature = tree_dot(p, ap)
@@ -189,10 +192,16 @@ class CG(LinearSolver):
             rz = torch.where(active, rz_new, rz)
             r_norm = rz_new.clamp_min(0).sqrt() if plain else torch.linalg.vector_norm(r)
             better = active & (r_norm <= best_norm)
+            improved = improved | (better & (r_norm < best_norm))
             best_x = torch.where(better, x, best_x)
             best_norm = torch.where(better, r_norm, best_norm)
         matvecs += self.maxiter
         indefinite = negative > 0
+        # Proven indefinite and no iterate beat x₀: what is returned is x₀ itself (x = 0 for
+        # a hypergradient: a zero gradient). CG's assumption failed and it made no progress:
+        # that is a breakdown, reported, not a plausible zero.
+        stalled = indefinite & ~improved & (best_norm > 0)
+        breakdowns = breakdowns + stalled.to(breakdowns.dtype)
         x = torch.where(indefinite, best_x, x)
         r_norm = torch.where(indefinite, best_norm, torch.linalg.vector_norm(r))
         stats = {
