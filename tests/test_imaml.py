@@ -508,6 +508,11 @@ def test_cli_train_and_evaluate_omniglot(tmp_path, capsys):
         (["train", "--dataset", "glyphs", "--steps", "x"], "expected a int"),
         (["train", "--dataset", "glyphs", "--method", "reptile"], "--method must be"),
         (["train", "--dataset", "glyphs", "--compile", "--no-vmap"], "drop --no-vmap"),
+        (
+            ["train", "--dataset", "glyphs", "--alphabet-tasks", "0.5"],
+            "needs --dataset omniglot-lake",
+        ),
+        (["train", "--dataset", "omniglot-lake", "--alphabet-tasks", "2"], "must be in [0, 1]"),
         (["evaluate", "/nonexistent/run"], "no checkpoint"),
     ],
 )
@@ -594,13 +599,16 @@ def test_cli_lake_one_shot_runs(tmp_path, capsys):
 
     out = tmp_path / "lake"
     args = ["train", "--preset", "lake-20w1s", "--data-dir", OMNIGLOT_DIR]
+    # Meta-training tasks within one alphabet (as the runs are); evaluation stays random.
     args += (
         f"--steps 1 --meta-batch 2 --inner-steps 1 --hidden 8 --test-tasks 2 "
-        f"--eval-batch 2 --threads 1 --no-progress --out-dir {out}"
+        f"--eval-batch 2 --threads 1 --no-progress --alphabet-tasks 1 --out-dir {out}"
     ).split()
     assert main(args) == 0
     assert "Lake et al.'s 20 one-shot runs, gd: error rate" in capsys.readouterr().out
-    trained = json.loads((out / "results.json").read_text())["lake_one_shot"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["alphabet_tasks"] == 1.0
+    trained = results["lake_one_shot"]
     assert main(["evaluate", str(out), "--tasks", "2", "--lake-runs", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["lake_one_shot"]) == {"prox", "gd"}

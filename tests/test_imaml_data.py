@@ -429,6 +429,81 @@ def test_sampler_seed_and_state_round_trip(seed: int, splits: list[int]) -> None
     assert fresh.tasks_drawn == one.tasks_drawn == 3 + sum(splits)
 
 
+@given(
+    group_sizes=st.lists(st.integers(1, 7), min_size=1, max_size=5),
+    ways=st.integers(1, 4),
+    share=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_within_group_tasks(group_sizes: list[int], ways: int, share: float, seed: int) -> None:
+    groups = torch.cat([torch.full((n,), g) for g, n in enumerate(group_sizes)])
+    classes = len(groups)
+    if ways > classes:
+        return
+    images = _coded_images(classes, 4)
+    eligible = [g for g, n in enumerate(group_sizes) if n >= ways]
+    if share > 0 and not eligible:
+        with pytest.raises(ValueError, match="at least one group"):
+            TaskSampler(images, ways, 1, 1, groups=groups, group_tasks=share, seed=seed)
+        return
+    sampler = TaskSampler(images, ways, 1, 1, groups=groups, group_tasks=share, seed=seed)
+    plain = TaskSampler(images, ways, 1, 1, seed=seed)
+    picked, _, _ = sampler.sample_indices(64)
+    reference, _, _ = plain.sample_indices(64)
+    for row in picked.tolist():
+        assert len(set(row)) == ways  # distinct classes, as in every task
+    same = torch.stack([(groups[row] == groups[row[0]]).all() for row in picked])
+    if share == 0.0:  # no groups asked for: the very stream of a sampler without them
+        assert torch.equal(picked, reference)
+    if share == 1.0:  # every task inside one group, and only eligible groups are used
+        assert bool(same.all())
+        assert set(groups[picked[:, 0]].tolist()) <= set(eligible)
+
+
+def test_within_group_tasks_are_validated() -> None:
+    images = _coded_images(6, 4)
+    with pytest.raises(ValueError, match="one id per class"):
+        TaskSampler(images, 2, 1, 1, groups=torch.zeros(5, dtype=torch.int64), group_tasks=1.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        TaskSampler(images, 2, 1, 1, groups=torch.zeros(6, dtype=torch.int64), group_tasks=1.5)
+    with pytest.raises(ValueError, match="needs groups="):
+        TaskSampler(images, 2, 1, 1, group_tasks=0.5)
+
+
+def test_within_group_state_is_checked_on_resume() -> None:
+    images, groups = _coded_images(8, 4), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    one = TaskSampler(images, 3, 1, 1, groups=groups, group_tasks=0.5, seed=3)
+    one.sample(2)
+    other = TaskSampler(images, 3, 1, 1, seed=3)
+    with pytest.raises(ValueError, match="group_tasks"):
+        other.load_state_dict(one.state_dict())
+    again = TaskSampler(images, 3, 1, 1, groups=groups, group_tasks=0.5, seed=9)
+    again.load_state_dict(one.state_dict())
+    assert torch.equal(again.sample_indices(4)[0], one.sample_indices(4)[0])
+
+
+@needs_omniglot
+def test_alphabet_tasks_draw_lake_background_classes_from_one_alphabet() -> None:
+    from applications.imaml.datasets import task_sampler
+
+    chars = omniglot.load_omniglot_archive("background", data_dir=OMNIGLOT_DIR)
+    sampler = task_sampler(
+        "omniglot-lake",
+        "background",
+        ways=20,
+        shots=1,
+        queries=1,
+        seed=0,
+        data_dir=OMNIGLOT_DIR,
+        alphabet_tasks=1.0,
+    )
+    classes, _, _ = sampler.sample_indices(16)
+    for row in classes.tolist():
+        assert len({chars.alphabets[c] for c in row}) == 1
+    with pytest.raises(ValueError, match="omniglot-lake"):
+        task_sampler("glyphs", "train", ways=5, shots=1, queries=1, seed=0, alphabet_tasks=0.5)
+
+
 def test_sampler_uint8_scaling_device_and_batch_helpers() -> None:
     images = torch.full((4, 3, 1, 6, 6), 255, dtype=torch.uint8)
     batch = TaskSampler(images, 2, 1, 1, rotate=False).sample(2)

@@ -167,6 +167,12 @@ PRESETS["glyphs-quick"] = PRESETS["demo"]
 _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--method", "method", str, "imaml | maml | fomaml"),
     ("--ways", "ways", int, "classes per task N"),
+    (
+        "--alphabet-tasks",
+        "alphabet_tasks",
+        float,
+        "omniglot-lake: share of meta-training tasks drawn within one alphabet, as Lake's runs are",
+    ),
     ("--shots", "shots", int, "support examples per class K"),
     ("--queries", "queries", int, "query examples per class during meta-training"),
     ("--eval-queries", "eval_queries", int, "query examples per class for val/test tasks"),
@@ -351,6 +357,11 @@ def _validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
         fail("--compile compiles the vmapped meta-batch: drop --no-vmap")
     if cfg.vmap_chunk is not None and not cfg.batched:
         fail("--vmap-chunk splits the vmapped meta-batch: drop --no-vmap")
+    if cfg.alphabet_tasks and cfg.dataset != "omniglot-lake":
+        fail(
+            "--alphabet-tasks draws tasks within one Omniglot alphabet: it needs "
+            f"--dataset omniglot-lake, got {cfg.dataset!r}"
+        )
     if cfg.dataset == "omniglot-lake" and cfg.val_every:
         cfg.val_every = 0  # no validation split in Lake's background/evaluation protocol
     if cfg.dataset != "sinusoid" and cfg.shots + max(cfg.queries, cfg.eval_queries) > 20:

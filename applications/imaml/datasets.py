@@ -52,14 +52,37 @@ def task_sampler(
     seed: int,
     data_dir: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
+    alphabet_tasks: float = 0.0,
 ) -> Any:
     """The seeded sampler of ``dataset``'s tasks: a
     :class:`~applications.imaml.sinusoid.SinusoidSampler` for ``"sinusoid"`` (``split`` and
     ``ways`` unused), else a :class:`~applications.imaml.tasks.TaskSampler` over
-    :func:`load_dataset` ``(dataset, split)`` moved to ``device``."""
+    :func:`load_dataset` ``(dataset, split)`` moved to ``device``. With ``alphabet_tasks > 0``
+    (``"omniglot-lake"`` only) that share of the tasks draws its classes from one alphabet,
+    as Lake et al.'s one-shot runs do."""
     if dataset == "sinusoid":
         return SinusoidSampler(shots, queries, seed=seed)
     assert split is not None
+    if alphabet_tasks > 0:
+        if dataset != "omniglot-lake":
+            raise ValueError(
+                f"alphabet_tasks applies to dataset 'omniglot-lake' (tasks within one "
+                f"alphabet, like Lake et al.'s runs), not {dataset!r}"
+            )
+        from . import omniglot
+
+        chars = omniglot.load_omniglot_archive(split, data_dir=data_dir)
+        names = sorted(set(chars.alphabets))
+        groups = torch.tensor([names.index(a) for a in chars.alphabets], dtype=torch.int64)
+        return TaskSampler(
+            chars.images.to(device),
+            ways,
+            shots,
+            queries,
+            seed=seed,
+            groups=groups,
+            group_tasks=alphabet_tasks,
+        )
     images = load_dataset(dataset, split, data_dir=data_dir).to(device)
     return TaskSampler(images, ways, shots, queries, seed=seed)
 

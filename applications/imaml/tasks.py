@@ -161,6 +161,13 @@ class TaskSampler(SeededSampler):
         queries: query examples per class ``Q`` (``K + Q ≤ M``).
         rotate: rotate each class of a task by a random multiple of 90° (needs ``H == W``).
         seed: seed of the sampler's random stream.
+        groups: ``int64`` ``[C]``, a group id per class (Omniglot: its alphabet), or ``None``.
+        group_tasks: probability that a task draws all its classes from one group (chosen
+            with probability proportional to its size, among the groups with at least ``ways``
+            classes); the other tasks draw from all classes. Lake et al.'s one-shot runs are
+            20-way tasks within one alphabet, harder than tasks across alphabets: this lets
+            meta-training see that structure. ``0`` (default) draws exactly the stream of a
+            sampler without groups.
     """
 
     def __init__(
@@ -172,6 +179,8 @@ class TaskSampler(SeededSampler):
         *,
         rotate: bool = True,
         seed: int = 0,
+        groups: Tensor | None = None,
+        group_tasks: float = 0.0,
     ) -> None:
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -196,6 +205,26 @@ class TaskSampler(SeededSampler):
         if rotate and images.shape[-1] != images.shape[-2]:
             raise ValueError(
                 f"rotate=True needs square images, got {images.shape[-2]}×{images.shape[-1]}"
+            )
+        if isinstance(group_tasks, bool) or not isinstance(group_tasks, int | float):
+            raise TypeError(f"group_tasks must be a number in [0, 1], got {group_tasks!r}")
+        if not 0.0 <= group_tasks <= 1.0:
+            raise ValueError(f"group_tasks must be in [0, 1], got {group_tasks!r}")
+        self.group_tasks = float(group_tasks)
+        self._members: list[Tensor] = []
+        if groups is not None:
+            groups = torch.as_tensor(groups, dtype=torch.int64).cpu()
+            if groups.shape != (num_classes,):
+                raise ValueError(
+                    f"groups must hold one id per class ({num_classes}), got shape "
+                    f"{tuple(groups.shape)}"
+                )
+            members = [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
+            self._members = [m for m in members if m.numel() >= self.ways]
+        if self.group_tasks > 0 and not self._members:
+            raise ValueError(
+                f"group_tasks={group_tasks} needs groups= with at least one group of "
+                f"ways={self.ways} or more classes"
             )
         self.images = images
         self.rotate = bool(rotate)
@@ -232,6 +261,8 @@ class TaskSampler(SeededSampler):
         n, per_class = self.ways, self.shots + self.queries
         # argsort of i.i.d. uniforms = uniformly random permutations, one per row.
         classes = torch.rand(batch_size, self.num_classes, generator=g).argsort(dim=1)[:, :n]
+        if self.group_tasks > 0:
+            classes = self._group_classes(classes, g)
         instances = torch.rand(batch_size, n, self.num_instances, generator=g).argsort(dim=2)
         instances = instances[:, :, :per_class]
         if self.rotate:
@@ -240,6 +271,18 @@ class TaskSampler(SeededSampler):
             rotations = torch.zeros(batch_size, n, dtype=torch.int64)
         self._tasks_drawn += batch_size
         return classes, instances, rotations
+
+    def _group_classes(self, classes: Tensor, g: torch.Generator) -> Tensor:
+        """Replace the classes of the within-group tasks (drawn with ``group_tasks``)."""
+        within = torch.rand(classes.shape[0], generator=g) < self.group_tasks
+        sizes = torch.tensor([float(m.numel()) for m in self._members])
+        chosen = torch.multinomial(sizes, classes.shape[0], replacement=True, generator=g)
+        classes = classes.clone()
+        for row in torch.nonzero(within).flatten().tolist():
+            members = self._members[int(chosen[row])]
+            pick = torch.rand(members.numel(), generator=g).argsort()[: self.ways]
+            classes[row] = members[pick]
+        return classes
 
     def sample(self, batch_size: int) -> TaskBatch:
         """Draw ``batch_size`` tasks (see :class:`TaskBatch` for shapes and label layout)."""
@@ -272,4 +315,6 @@ class TaskSampler(SeededSampler):
             "shots": self.shots,
             "queries": self.queries,
             "rotate": self.rotate,
+            # Only when used: states saved before within-group tasks existed stay loadable.
+            **({"group_tasks": self.group_tasks} if self.group_tasks > 0 else {}),
         }

@@ -81,6 +81,8 @@ class Config:
 
     method: str = "imaml"  # imaml | maml | fomaml
     dataset: str = "omniglot"  # omniglot | omniglot-lake | glyphs | sinusoid
+    # omniglot-lake: share of meta-training tasks whose classes come from one alphabet
+    alphabet_tasks: float = 0.0
     data_dir: str | None = None
     ways: int = 5
     shots: int = 1
@@ -139,6 +141,7 @@ class Config:
 #: A value outside it is never meaningful (``max_meta_grad_norm < 0`` turns the outer step into
 #: ascent, ``inner_clip < 0`` reverses the inner descent, ``hidden = 0`` has no layers).
 CONFIG_RANGES: dict[str, Range] = {
+    "alphabet_tasks": Range(0, 1),
     "ways": Range(1),
     "shots": Range(1),
     "queries": Range(1),
@@ -176,8 +179,11 @@ def _flag(field: str) -> str:
 # --- construction ------------------------------------------------------------------------
 
 
-def make_sampler(cfg: Config, split: str | None, *, queries: int, seed: int) -> Any:
-    """The sampler of ``cfg``'s tasks (:func:`~applications.imaml.datasets.task_sampler`)."""
+def make_sampler(
+    cfg: Config, split: str | None, *, queries: int, seed: int, training: bool = False
+) -> Any:
+    """The sampler of ``cfg``'s tasks (:func:`~applications.imaml.datasets.task_sampler`);
+    ``training`` applies ``cfg.alphabet_tasks`` (evaluation tasks stay random)."""
     return task_sampler(
         cfg.dataset,
         split,
@@ -187,6 +193,7 @@ def make_sampler(cfg: Config, split: str | None, *, queries: int, seed: int) -> 
         seed=seed,
         data_dir=cfg.data_dir,
         device=cfg.device,
+        alphabet_tasks=cfg.alphabet_tasks if training else 0.0,
     )
 
 
@@ -641,7 +648,7 @@ def _train_locked(
     sampler: Any = None
     try:  # every rank reads the data itself (on several machines: from its own disk)
         sampler = make_sampler(
-            cfg, dataset_splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed
+            cfg, dataset_splits(cfg.dataset)[0], queries=cfg.queries, seed=cfg.seed, training=True
         )
     except Exception as err:
         error = err
