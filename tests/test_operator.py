@@ -154,3 +154,31 @@ def test_an_operator_through_the_scipy_bridge() -> None:
     x, info = bl.SciPy("minres", tol=1e-12)(op, b)
     assert info.converged
     np.testing.assert_allclose(x.numpy(), np.linalg.solve(a_np, b.numpy()), rtol=1e-8)
+
+
+class _OldStyleScale(torch.autograd.Function):
+    """An autograd.Function without setup_context: plain autograd only, opaque to torch.func."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return 3.0 * x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return 3.0 * g
+
+
+def test_the_probe_skips_an_optimality_condition_torch_func_cannot_linearise() -> None:
+    # F(x, θ) = 3x − θ through an old-style autograd.Function: the backward works with plain
+    # autograd, the probe's JVP cannot be built, and the gradient must still come out right.
+    def optimality(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return _OldStyleScale.apply(x) - theta
+
+    @bl.custom_root(optimality, solver=bl.CG(tol=1e-12))
+    def solve(x0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return theta / 3.0
+
+    theta = THETA.clone().requires_grad_(True)
+    solve(torch.zeros(3, dtype=F64), theta).sum().backward()  # no ConvergenceWarning (an error)
+    assert theta.grad is not None
+    torch.testing.assert_close(theta.grad, torch.full((3,), 1.0 / 3.0, dtype=F64))
