@@ -181,7 +181,8 @@ class NewtonCG:
     Each step solves ``(∇²f(φ) + damping·I) d = ∇f(φ)`` for ``f = loss + λ/2‖φ − c‖²`` with
     ``cg_steps`` CG iterations through one linearisation of ``∇loss`` (``torch.func.vjp``),
     then takes ``φ ← φ − lr·d``, guarded like :class:`GradientDescent` (rejected and halved
-    unless ``f`` decreases). Negative-curvature directions are skipped by the fixed-K CG.
+    unless ``f`` decreases). Where the Hessian is indefinite the fixed-K CG returns its
+    best-residual iterate, or ``d = 0`` (no step) when no iterate beats the start.
     Vmappable.
     """
 
