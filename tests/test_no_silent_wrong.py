@@ -133,6 +133,18 @@ def test_fixed_k_cg_that_makes_no_progress_on_an_indefinite_system_is_a_breakdow
     theta = torch.ones(2, dtype=F64, requires_grad=True)
     with pytest.warns(bl.ConvergenceWarning, match="negative curvature in 1 of 1"):
         solve(torch.zeros(2, dtype=F64), theta).sum().backward()
+    with pytest.warns(bl.ConvergenceWarning, match="negative curvature in 1 of 1"):
+        torch.func.grad(lambda t: solve(torch.zeros(2, dtype=F64), t).sum())(theta.detach())
+
+    # Under vmap nothing is read on the host: the verdict comes back per element. b = (1, 1)
+    # stalls; b = (1, 0) lies in an eigenspace, one step is exact.
+    def one(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, info = bl.CG(tol=0, maxiter=1)(lambda v: a @ v, b)
+        return x, info.stats["breakdowns"]
+
+    xs, breakdowns = torch.vmap(one)(torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=F64))
+    assert breakdowns.tolist() == [1, 0]
+    torch.testing.assert_close(xs, torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=F64))
 
 
 def _indefinite(n: int, negatives: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,6 +127,13 @@ def test_the_probe_raises_when_asked() -> None:
         _gradient(_fixed_point(bl.CG(tol=1e-10), on_failure="raise"), THETA)
 
 
+def test_the_probe_runs_under_torch_func_grad() -> None:
+    solve = _fixed_point(bl.CG(tol=1e-10), on_failure="raise")
+    weights = torch.arange(1.0, 4.0, dtype=F64)
+    with pytest.raises(bl.ConvergenceError, match="assumes a symmetric"):
+        torch.func.grad(lambda t: solve(torch.zeros(3, dtype=F64), t) @ weights)(THETA)
+
+
 def test_no_probe_warning_for_gmres_or_a_symmetric_jacobian() -> None:
     # GMRES assumes nothing: silent and exact.
     torch.testing.assert_close(_gradient(_fixed_point(bl.GMRES(tol=1e-12)), THETA), EXACT)
