@@ -6,7 +6,7 @@ meta-learners of :mod:`applications.imaml.learners` call them inside ``bl.custom
 (iMAML: ``c = θ``) and for adaptation at evaluation time.
 
 * :class:`GradientDescent`: (monotone) gradient descent, vmappable; the default.
-* :class:`NewtonCG`: damped Newton steps, each solved with fixed-K ``bl.CG``, vmappable.
+* :class:`NewtonCG`: damped Newton steps, each by truncated CG (line-search Newton–CG), vmappable.
 * :class:`TorchOptimizer`: any ``torch.optim`` optimiser through ``bl.inner.torch_optimizer``
   (per-task loop only).
 
@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value
 
 import bilevel as bl
-from bilevel.tree import tree_norm
+from bilevel.tree import tree_axpy, tree_dot, tree_norm, tree_where, tree_zeros_like
 
 __all__ = ["GradientDescent", "InnerSolver", "NewtonCG", "TorchOptimizer"]
 
@@ -174,16 +174,52 @@ class GradientDescent:
         return {k: v * scale for k, v in g.items()}
 
 
+def _newton_direction(
+    hvp: Callable[[Params], Params], g: Params, shift: float, steps: int
+) -> Params:
+    """``steps`` truncated CG iterations on ``(H + shift·I) d = g`` from ``d = 0``.
+
+    Nocedal & Wright, Algorithm 7.1: at the first ``p`` with ``pᵀ(H + shift·I)p ≤ 0`` the
+    iteration stops and keeps its current ``d`` (``g`` itself if that is the first
+    iteration), so ``gᵀd > 0`` always. Branch-free (``torch.where`` per task) for vmap.
+    """
+    d = tree_zeros_like(g)
+    r, p = g, g
+    rr = tree_dot(r, r)
+    active = torch.ones_like(rr, dtype=torch.bool)
+    for j in range(steps):
+        hp = tree_axpy(shift, p, hvp(p))
+        curvature = tree_dot(p, hp)
+        # A zero residual is converged, not negative curvature: stop without the fallback.
+        done = rr <= torch.finfo(rr.dtype).tiny
+        negative = active & (curvature <= 0) & ~done
+        if j == 0:
+            d = tree_where(negative, g, d)
+        active = active & ~negative & ~done
+        alpha = torch.where(active, rr / torch.where(active, curvature, 1), 0)
+        d = tree_axpy(alpha, p, d)
+        r = tree_axpy(-alpha, hp, r)
+        rr_next = tree_dot(r, r)
+        beta = torch.where(active, rr_next / torch.where(active, rr, 1), 0)
+        p = tree_axpy(beta, p, r)
+        rr = rr_next
+    return d
+
+
 @dataclasses.dataclass
 class NewtonCG:
-    """Hessian-free inner solver: damped Newton steps, each solved with fixed-K ``bl.CG``.
+    """Hessian-free inner solver: damped Newton steps, each solved by truncated CG.
 
     Each step solves ``(∇²f(φ) + damping·I) d = ∇f(φ)`` for ``f = loss + λ/2‖φ − c‖²`` with
     ``cg_steps`` CG iterations through one linearisation of ``∇loss`` (``torch.func.vjp``),
     then takes ``φ ← φ − lr·d``, guarded like :class:`GradientDescent` (rejected and halved
-    unless ``f`` decreases). Where the Hessian is indefinite the fixed-K CG returns its
-    best-residual iterate, or ``d = 0`` (no step) when no iterate beats the start.
-    Vmappable.
+    unless ``f`` decreases). The CG is truncated as in line-search Newton–CG (Nocedal &
+    Wright, *Numerical Optimization*, 2nd ed., Algorithm 7.1): it stops at the first
+    direction of non-positive curvature, keeping the iterate built so far, and falls back to
+    the steepest-descent direction ``d = ∇f`` when that happens on the first iteration.
+    Every returned ``d`` is therefore a descent direction, also where ``∇²f + damping·I`` is
+    indefinite — the case of most tasks at a random initialisation, where a linear solver
+    that refuses the system (``d = 0``) would leave the weights unadapted. Vmappable.
     """
 
     steps: int = 5
@@ -201,10 +237,12 @@ class NewtonCG:
         center: Params | None = None,
         lam: float = 0.0,
     ) -> Params:
-        cg = bl.CG(tol=0, maxiter=self.cg_steps, ridge=self.damping + lam)
+        shift = self.damping + lam
         grad_fn = grad(loss_fn)
 
-        # bl.inner has no Newton solver: this loop is the app's own.
+        # bl.inner has no Newton solver: this loop is the app's own. Its CG is not bl.CG: a
+        # linear solver that meets negative curvature reports a breakdown and keeps x0 = 0,
+        # which for a Newton step means no step; an optimiser wants a descent direction.
         objective = _proximal(loss_fn, center, lam)
         p = phi0
         f = objective(p)
@@ -212,7 +250,7 @@ class NewtonCG:
         for _ in range(self.steps):
             g, hvp = torch.func.vjp(grad_fn, p)
             g, _ = _prox_parts(p, g, center, lam, value=False)
-            d, _ = cg(lambda v, hvp=hvp: hvp(v)[0], g)
+            d = _newton_direction(lambda v, hvp=hvp: hvp(v)[0], g, shift, self.cg_steps)
             candidate = {k: torch.addcmul(v, lr, d[k], value=-1) for k, v in p.items()}
             if not self.safeguard:
                 p = candidate
