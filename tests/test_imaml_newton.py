@@ -7,6 +7,7 @@ returned direction is a descent direction, and the steepest-descent fallback is 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -131,3 +132,28 @@ def test_vmap_matches_a_loop_over_tasks_of_either_curvature():
     torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
     # the negative definite task stops on its first direction: steepest descent
     torch.testing.assert_close(batched[2], gs[2], rtol=0, atol=0)
+
+
+def test_backtracking_rescues_a_newton_step_that_overshoots():
+    # f(x) = √(1 + x²) at x = 2: the Newton step x − f'/f'' = −x³ = −8 overshoots (f rises
+    # from √5 to √65), −3 at half the step still does, a quarter step lands on −0.5 (f = √1.25).
+    def loss(p):
+        return torch.sqrt(1 + p["w"] ** 2).sum()
+
+    p0 = {"w": torch.tensor([2.0], dtype=F64)}
+    solver = NewtonCG(steps=1, cg_steps=1, lr=1.0, damping=0.0, backtracks=4)
+    torch.testing.assert_close(solver(loss, p0)["w"], torch.tensor([-0.5], dtype=F64))
+    # one try only: the step is refused and the weights stay where they were
+    once = NewtonCG(steps=1, cg_steps=1, lr=1.0, damping=0.0, backtracks=1)
+    torch.testing.assert_close(once(loss, p0)["w"], p0["w"], rtol=0, atol=0)
+    # under vmap each task backtracks on its own: x = 2 needs a quarter step, x = 0.5 the
+    # full Newton step (−0.125, f decreases)
+    xs = torch.tensor([[2.0], [0.5]], dtype=F64)
+    out = vmap(lambda x: solver(loss, {"w": x})["w"])(xs)
+    torch.testing.assert_close(out, torch.tensor([[-0.5], [-0.125]], dtype=F64))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_backtracks_is_validated(bad):
+    with pytest.raises((TypeError, ValueError), match="backtracks"):
+        NewtonCG(backtracks=bad)

@@ -212,8 +212,10 @@ class NewtonCG:
 
     Each step solves ``(∇²f(φ) + damping·I) d = ∇f(φ)`` for ``f = loss + λ/2‖φ − c‖²`` with
     ``cg_steps`` CG iterations through one linearisation of ``∇loss`` (``torch.func.vjp``),
-    then takes ``φ ← φ − lr·d``, guarded like :class:`GradientDescent` (rejected and halved
-    unless ``f`` decreases). The CG is truncated as in line-search Newton–CG (Nocedal &
+    then takes ``φ ← φ − α·d`` with ``α`` the first of ``lr, lr/2, …, lr/2^(backtracks−1)``
+    that does not increase ``f`` (backtracking line search; where none does, the task stays
+    and its ``lr`` shrinks by ``2^backtracks``; ``safeguard=False`` takes ``α = lr`` blindly).
+    The CG is truncated as in line-search Newton–CG (Nocedal &
     Wright, *Numerical Optimization*, 2nd ed., Algorithm 7.1): it stops at the first
     direction of non-positive curvature, keeping the iterate built so far, and falls back to
     the steepest-descent direction ``d = ∇f`` when that happens on the first iteration.
@@ -227,8 +229,17 @@ class NewtonCG:
     lr: float = 1.0
     damping: float = 1.0
     safeguard: bool = True
+    backtracks: int = 4
 
     vmappable = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backtracks, bool) or not isinstance(self.backtracks, int):
+            raise TypeError(f"backtracks must be an int >= 1, got {self.backtracks!r}")
+        if self.backtracks < 1:
+            raise ValueError(
+                f"backtracks must be >= 1 (1: try the step lr once), got {self.backtracks}"
+            )
 
     def __call__(
         self,
@@ -251,12 +262,24 @@ class NewtonCG:
             g, hvp = torch.func.vjp(grad_fn, p)
             g, _ = _prox_parts(p, g, center, lam, value=False)
             d = _newton_direction(lambda v, hvp=hvp: hvp(v)[0], g, shift, self.cg_steps)
-            candidate = {k: torch.addcmul(v, lr, d[k], value=-1) for k, v in p.items()}
             if not self.safeguard:
-                p = candidate
+                p = {k: torch.addcmul(v, lr, d[k], value=-1) for k, v in p.items()}
                 continue
-            select, f, lr = _monotone(f, objective(candidate), lr)
-            p = select(candidate, p)
+            # Backtracking: the first of lr, lr/2, ... that lowers f. All are evaluated (one
+            # forward pass each, cheap next to the CG's Hessian products) since vmap cannot
+            # branch per task. Without it a Newton step that overshoots is simply lost.
+            accepted = torch.zeros_like(f, dtype=torch.bool)
+            p_next, f_next = p, f
+            for t in range(self.backtracks):
+                step = lr * 0.5**t
+                candidate = {k: torch.addcmul(v, step, d[k], value=-1) for k, v in p.items()}
+                f_c = objective(candidate)
+                take = ~accepted & torch.isfinite(f_c) & (f_c <= f)
+                p_next = {k: torch.where(take, candidate[k], v) for k, v in p_next.items()}
+                f_next = torch.where(take, f_c, f_next)
+                accepted = accepted | take
+            p, f = p_next, f_next
+            lr = torch.where(accepted, lr, lr * 0.5**self.backtracks)
         return p
 
 
