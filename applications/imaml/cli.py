@@ -115,8 +115,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The Hessian-free variant (the paper's iMAML-HF row) on the cpu-long footing: 2 damped
     # Newton steps of 3 truncated-CG iterations each (a 2nd-order inner solve costing about
-    # the 5 GD steps' 10 gradient evaluations in HVPs) at step 1, compiled, sized for two
-    # hours on one of the 2 cores (1.1 s/meta-step measured with the other core busy).
+    # the 5 GD steps' 10 gradient evaluations in HVPs) at step 1 with backtracking, compiled,
+    # sized for two hours on one of the 2 cores (about 1.3 s/meta-step with the other busy).
     "cpu-hf": {
         **_CPU_QUICK,
         "inner": "newton-cg",
@@ -124,8 +124,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "newton_cg_steps": 3,
         "inner_lr": 1.0,
         "newton_damping": 1.0,
-        "steps": 5500,
-        "time_limit": 120.0,
+        "steps": 5000,
+        "time_limit": 115.0,
         "compile": True,
         "val_every": 1000,
         "ckpt_every": 200,
