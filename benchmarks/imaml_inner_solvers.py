@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# run as a script from anywhere: the app lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from applications.imaml.inner import GradientDescent, InnerSolver, NewtonCG
 from applications.imaml.rundir import load_checkpoint
