@@ -114,9 +114,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ckpt_every": 200,
     },
     # The Hessian-free variant (the paper's iMAML-HF row) on the cpu-long footing: 2 damped
-    # Newton steps of 3 truncated-CG iterations each (a 2nd-order inner solve costing about
-    # the 5 GD steps' 10 gradient evaluations in HVPs) at step 1 with backtracking, compiled,
-    # sized for two hours on one of the 2 cores (about 1.3 s/meta-step with the other busy).
+    # Newton steps of 3 truncated-CG iterations each (2 gradients and 6 Hessian-vector
+    # products per task) at step 1 with backtracking, compiled, sized for two hours on one of
+    # the 2 cores (1.25 s/meta-step measured with the other core busy).
     "cpu-hf": {
         **_CPU_QUICK,
         "inner": "newton-cg",

@@ -251,9 +251,9 @@ class NewtonCG:
         shift = self.damping + lam
         grad_fn = grad(loss_fn)
 
-        # bl.inner has no Newton solver: this loop is the app's own. Its CG is not bl.CG: a
-        # linear solver that meets negative curvature reports a breakdown and keeps x0 = 0,
-        # which for a Newton step means no step; an optimiser wants a descent direction.
+        # bl.inner has no Newton solver: this loop is the app's own. Its CG is not bl.CG: on
+        # an indefinite system a linear solver either reports a breakdown and keeps x0 = 0
+        # (no step) or solves it, and A⁻¹g may point uphill; an optimiser needs descent.
         objective = _proximal(loss_fn, center, lam)
         p = phi0
         f = objective(p)
@@ -272,10 +272,10 @@ class NewtonCG:
             p_next, f_next = p, f
             for t in range(self.backtracks):
                 step = lr * 0.5**t
-                candidate = {k: torch.addcmul(v, step, d[k], value=-1) for k, v in p.items()}
+                candidate = tree_axpy(-step, d, p)
                 f_c = objective(candidate)
                 take = ~accepted & torch.isfinite(f_c) & (f_c <= f)
-                p_next = {k: torch.where(take, candidate[k], v) for k, v in p_next.items()}
+                p_next = tree_where(take, candidate, p_next)
                 f_next = torch.where(take, f_c, f_next)
                 accepted = accepted | take
             p, f = p_next, f_next
