@@ -482,6 +482,79 @@ def test_cli_train_and_evaluate_glyphs(tmp_path, capsys):
     assert set(evaluated["test"]) == {"prox", "gd"}
 
 
+def test_cli_evaluate_overrides_adaptation_only(tmp_path, capsys):
+    """``evaluate --inner-steps/--inner-lr/--lam`` change how tasks adapt, not θ.
+
+    With 0 inner steps both modes leave φ = θ, so prox and gd give the same numbers, and those
+    are the query loss of θ itself, computed here from the checkpoint's parameters directly.
+    """
+    from applications.imaml.cli import main
+    from applications.imaml.rundir import load_checkpoint
+    from applications.imaml.trainer import TEST_SEED, config_from_checkpoint, make_sampler
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "glyphs", "--out-dir", str(out)]
+    args += (
+        "--steps 2 --meta-batch 4 --inner-steps 2 --cg-steps 2 --hidden 8 --val-every 0 "
+        "--test-tasks 0 --eval-batch 3 --threads 1 --no-progress"
+    ).split()
+    assert main(args) == 0
+    capsys.readouterr()
+
+    def evaluate(*extra: str) -> dict:
+        argv = ["evaluate", str(out), "--tasks", "5", "--split", "val", "--json", *extra]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    run_default = evaluate()
+    frozen = evaluate("--inner-steps", "0")
+    longer = evaluate("--inner-steps", "6", "--inner-lr", "0.05", "--lam", "0.25")
+    assert run_default["adaptation"]["overridden"] == []
+    assert run_default["adaptation"]["inner_steps"] == 2
+    assert frozen["adaptation"]["overridden"] == ["inner_steps"]
+    assert longer["adaptation"] == {
+        "inner": "gd",
+        "inner_steps": 6,
+        "inner_lr": 0.05,
+        "lam": 0.25,
+        "overridden": ["inner_lr", "inner_steps", "lam"],
+    }
+    assert frozen["test"]["prox"] == frozen["test"]["gd"]
+
+    state = load_checkpoint(out)
+    cfg = config_from_checkpoint(state, out / "checkpoint.pt")
+    model = build_model("conv4", ways=cfg.ways, hidden=cfg.hidden, zero_head=cfg.zero_head)
+    sampler = make_sampler(cfg, "val", queries=cfg.eval_queries, seed=TEST_SEED)
+    theta = state["learner"]["params"]
+    losses = []
+    with torch.no_grad():
+        for batch in (sampler.sample(3), sampler.sample(2)):  # as evaluate draws, --eval-batch 3
+            for xq, yq in zip(batch.query_x, batch.query_y, strict=True):
+                losses.append(nn.functional.cross_entropy(model(theta, xq), yq))
+    assert frozen["test"]["gd"]["loss"] == pytest.approx(float(torch.stack(losses).mean()), 1e-5)
+    assert run_default["test"]["gd"]["loss"] != pytest.approx(frozen["test"]["gd"]["loss"])
+
+    assert main(["evaluate", str(out), "--tasks", "5", "--inner-steps", "6"]) == 0
+    assert "adaptation overridden for this evaluation: inner_steps = 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--inner-steps", "-1", "--inner-steps must be >= 0"),
+        ("--inner-lr", "0", "--inner-lr must be > 0"),
+        ("--lam", "0", "--lam must be > 0"),
+    ],
+)
+def test_cli_evaluate_refuses_bad_adaptation(flag, value, message, capsys):
+    from applications.imaml.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "run", flag, value])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not OMNIGLOT_DIR, reason="BILEVEL_OMNIGLOT_DIR is not set (real Omniglot)")
 def test_cli_train_and_evaluate_omniglot(tmp_path, capsys):
     from applications.imaml.cli import main

@@ -223,6 +223,12 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         "N processes give one process's result bit for bit",
     ),
 ]
+#: ``evaluate`` flags that change how each task adapts from θ (not the checkpoint's θ itself).
+_EVAL_ADAPTATION: list[tuple[str, type, str]] = [
+    ("--inner-steps", int, "adapt with this many inner steps (default: the run's)"),
+    ("--inner-lr", float, "inner step size for adaptation (default: the run's)"),
+    ("--lam", float, "proximal strength λ of prox adaptation (default: the run's)"),
+]
 _BOOL_OVERRIDES: list[tuple[str, str, str]] = [
     ("safeguard", "safeguard", "monotone inner GD (reject and halve on increase)"),
     ("zero-head", "zero_head", "initialise the linear head at zero"),
@@ -330,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=number(int), default=600)
     ev.add_argument("--eval-queries", type=number(int), default=None)
     ev.add_argument("--modes", default="prox,gd", help="comma-separated: prox,gd")
+    # Evaluation-time adaptation: the inner problem is solved from θ at test time too, and how
+    # far it is solved is a choice of its own. Choose it on --split val, never on the test split.
+    for flag, kind, what in _EVAL_ADAPTATION:
+        ev.add_argument(flag, type=number(kind), default=None, help=what)
     ev.add_argument(
         "--lake-runs",
         action="store_true",
@@ -581,6 +591,13 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             setattr(cfg, name, getattr(args, name))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    adaptation = {
+        name: getattr(args, name)
+        for name in ("inner_steps", "inner_lr", "lam")
+        if getattr(args, name) is not None
+    }
+    for name, value in adaptation.items():
+        setattr(cfg, name, value)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     bad = [m for m in modes if m not in ("prox", "gd")]
     if bad or not modes:
@@ -600,6 +617,14 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "meta_steps": state["step"],
         "dataset": cfg.dataset,
         "split": split,
+        # What adaptation the numbers below used, and which of it differs from the run's.
+        "adaptation": {
+            "inner": cfg.inner,
+            "inner_steps": cfg.inner_steps,
+            "inner_lr": cfg.inner_lr,
+            "lam": cfg.lam,
+            "overridden": sorted(adaptation),
+        },
         "test": evaluate_learner(learner, sampler, args.tasks, batch=cfg.eval_batch, modes=modes),
     }
     if lake is not None:
@@ -608,6 +633,9 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps(res, indent=2))
     else:
         regression = cfg.dataset == "sinusoid"
+        if adaptation:
+            given = ", ".join(f"{k} = {v}" for k, v in sorted(adaptation.items()))
+            print(f"adaptation overridden for this evaluation: {given}")
         for mode, r in res["test"].items():
             print(f"{cfg.dataset}/{split}: {describe_result(mode, r, regression=regression)}")
         for mode, err in res.get("lake_one_shot", {}).items():
