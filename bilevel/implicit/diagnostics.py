@@ -119,9 +119,16 @@ def failure_message(info: SolveInfo, name: str, solver: LinearSolver, direction:
             f"gradient is zero. Fix: {outcome.fix}."
         )
     negative = info.stats.get("negative_curvature")
-    if outcome is Result.BREAKDOWN and info.fixed and negative is not None and int(negative) > 0:
+    after = bool(info.stats.get("negative_curvature_after", False))
+    if (
+        outcome is Result.BREAKDOWN
+        and info.fixed
+        and negative is not None
+        and (int(negative) > 0 or after)
+    ):
+        where = " and in the search direction after them" if after else ""
         return head + (
-            f"CG met negative curvature in {int(negative)} of {info.iterations} iterations "
+            f"CG met negative curvature in {int(negative)} of {info.iterations} iterations{where} "
             "(∂F/∂x is indefinite: e.g. a Hessian at a saddle point, or iMAML's H + λI with an "
             "eigenvalue of H below −λ) and no iterate improved on the start, so x = x0 was used "
             f"(residual {residual:.3g}) and the implicit gradient is zero or meaningless. "
@@ -164,6 +171,7 @@ class Diagnosed:
     symmetric: bool
     _dependence_checked: bool
     _symmetry_checked: bool
+    _checks_solution: bool
 
     @property
     def _name(self) -> str:
@@ -184,7 +192,7 @@ class Diagnosed:
         theorem differentiates the *root*: at a point that is not one the gradient is wrong
         by about ``‖A⁻¹‖·‖F‖``, with no other sign of trouble.
         """
-        if _silent() or any_batched((x_star, args)):
+        if not self._checks_solution or _silent() or any_batched((x_star, args)):
             return
         leaves = tree_leaves(x_star)
         bad = int(sum((~torch.isfinite(t)).sum() for t in leaves))  # one sync for the tree

@@ -33,16 +33,21 @@ class CG(LinearSolver):
     * fixed-K mode keeps iterating: on a symmetric indefinite ``A`` the CG iterates are
       Lanczos–Galerkin approximations (Paige & Saunders, 1975, §4), which converge in the
       same number of steps as MINRES but with a residual that can spike. The solver counts
-      such steps in ``info.stats["negative_curvature"]``. While every curvature was
-      positive it returns the last iterate (on an SPD ``A`` its ``A``-norm error is at most
-      that of ``x₀``, even where the residual is above ``‖b‖``); once ``A`` is proven
-      indefinite, the iterate with the smallest residual norm seen, so the residual never
-      exceeds that of the start (``‖b‖`` from ``x₀ = 0``). If no iterate improves on
-      ``x₀`` there, the solve counts as a breakdown (``info.failed``): returning ``x₀``
-      would otherwise be a silent zero hypergradient. A vanishing pivot
-      ``|pᵀAp| ≤ ε‖p‖‖Ap‖`` (or a non-finite value) freezes the iterate and counts in
-      ``info.stats["breakdowns"]``. On a 200-dim
-      ``H + λI`` with 6 negative eigenvalues this reaches relative error 0.07 / 1e-15 at
+      such steps in ``info.stats["negative_curvature"]``. One extra ``matvec`` after the
+      last step measures the curvature of the next search direction (skipped for a
+      [`LinearOperator`][bilevel.LinearOperator] tagged ``positive_semidefinite``;
+      ``info.stats["negative_curvature_after"]``): an indefinite ``A`` can show only positive
+      curvatures for ``K`` steps and end on a tiny positive pivot, whose iterate is far from
+      the solution; the next pivot is then large and negative, which no SPD ``A`` gives.
+      While every curvature was positive it returns the last iterate (on an SPD ``A`` its
+      ``A``-norm error is at most that of ``x₀``, even where the residual is above
+      ``‖b‖``); once ``A`` is proven indefinite, the iterate with the smallest residual norm
+      seen, so the residual never exceeds that of the start (``‖b‖`` from ``x₀ = 0``). If
+      no iterate improves on ``x₀`` there, the solve counts as a breakdown
+      (``info.failed``): returning ``x₀`` would otherwise be a silent zero hypergradient.
+      A vanishing pivot ``|pᵀAp| ≤ ε‖p‖‖Ap‖`` (or a non-finite value) freezes the iterate
+      and counts in ``info.stats["breakdowns"]``. On a 200-dim ``H + λI`` with 6 negative
+      eigenvalues this reaches relative error 0.07 / 1e-15 at
       K = 20 / 100, as MINRES does (``benchmarks/indefinite_krylov.py``); the alternative of
       freezing at the first negative curvature stalls at 0.73. [`MINRES`][bilevel.MINRES]
       has a monotone residual by construction and is the textbook choice there.
@@ -98,7 +103,8 @@ class CG(LinearSolver):
         z = precondition(r)
         p, rz = z, tree_dot(r, z)
         if self.fixed_iterations:
-            return self._solve_fixed(matvec, precondition, x, r, p, rz, matvecs)
+            probe = not problem.positive_semidefinite
+            return self._solve_fixed(matvec, precondition, x, r, p, rz, matvecs, probe)
 
         # Adaptive: scalars live on the host; one fused kernel per update. Without a
         # preconditioner rᵀz = ‖r‖², so the residual norm costs no extra reduction. When the
@@ -142,6 +148,7 @@ class CG(LinearSolver):
         p: Tensor,
         rz: Tensor,
         matvecs: int,
+        probe: bool = True,
     ) -> tuple[Tensor, SolveInfo]:
         # No host sync and no Python branch on tensor values: vmappable. On a symmetric
         # indefinite A the CG iterates are the Galerkin (Lanczos) approximations, which
@@ -196,7 +203,19 @@ class CG(LinearSolver):
             best_x = torch.where(better, x, best_x)
             best_norm = torch.where(better, r_norm, best_norm)
         matvecs += self.maxiter
-        indefinite = negative > 0
+        after = torch.zeros((), dtype=torch.bool, device=rz.device)
+        if probe and self.maxiter > 0:
+            # One more curvature, of the next search direction. An indefinite A whose first K
+            # curvatures were all positive can end on a tiny positive pivot: a residual spike
+            # (x far from the solution, e.g. 1e6·‖x*‖) that looks like CG's A-norm behaviour on
+            # an SPD A. The pivot after a tiny one is large and negative, which an SPD A never
+            # gives: it proves A indefinite, and the guard below applies.
+            ap = matvec(p)
+            curvature = tree_dot(p, ap)
+            scale = torch.linalg.vector_norm(p) * torch.linalg.vector_norm(ap)
+            after = active & torch.isfinite(curvature) & (curvature < -eps * scale)
+            matvecs += 1
+        indefinite = (negative > 0) | after
         # Proven indefinite and no iterate beat x₀: what is returned is x₀ itself (x = 0 for
         # a hypergradient: a zero gradient). CG's assumption failed and it made no progress:
         # that is a breakdown, reported, not a plausible zero.
@@ -207,6 +226,7 @@ class CG(LinearSolver):
         stats = {
             "breakdowns": breakdowns,
             "negative_curvature": negative,
+            "negative_curvature_after": after,
             "nonfinite": ~finite,
             # CG's own verdict replaces the shared residual test (see above): a residual
             # above ‖b‖ on an SPD system is not divergence.

@@ -68,7 +68,11 @@ class NormalCG(LinearSolver):
             return rmatvec(matvec(v))
 
         cg = CG(tol=self.tol, atol=self.atol, maxiter=self.maxiter)
-        x, info = cg._solve(LinearProblem(normal, rhs, problem.x0, None))
+        # AᵀA is positive semidefinite by construction: CG needs no indefiniteness probe.
+        normal_problem = LinearProblem(
+            normal, rhs, problem.x0, None, symmetric=True, positive_semidefinite=True
+        )
+        x, info = cg._solve(normal_problem)
         residual = tree_norm(tree_sub(b, matvec(x)))
         if not self.fixed_iterations:
             residual = residual.item()
