@@ -654,6 +654,82 @@ def test_second_order_hessian_of_outer_loss_matches_closed_form(case: SolverCase
     assert rel_err(hessian, reference) < 1e-8
 
 
+def _stationary_outer(case: SolverCase) -> tuple[Ridge, bl.ImplicitFunction, torch.Tensor]:
+    """Ridge, its implicit solve, and dw*/dλ = −H⁻¹diag(w*) in closed form."""
+    if "needs_contraction" in case.tags:
+        solver = case(tol=1e-13, maxiter=400)
+    else:
+        solver = case(tol=1e-13, maxiter=12 if "fixed_k" in case.tags else 100)
+    p = Ridge.make(d=4, seed=6)
+    solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=solver)(p.closed_form_inner)
+    jacobian = -torch.linalg.solve(p.X.T @ p.X + torch.diag(p.lam), torch.diag(p.solve(p.lam)))
+    return p, solve, jacobian
+
+
+@pytest.mark.parametrize("case", solvers())
+def test_second_order_where_the_outer_loss_is_stationary_in_x_star(case: SolverCase) -> None:
+    """A backward whose cotangent is 0 must still be differentiable in it.
+
+    L(λ) = ½‖w*(λ) − w*(λ₀)‖² has ∂L/∂w* = 0 at λ₀ and the Hessian JᵀJ there; the
+    double-backward trick of torch.autograd.functional.jvp / hvp differentiates a backward
+    fed a zero cotangent too. Differentiating the solver's iterations gave 0 for every
+    iterative solver there (u = 0 for b = 0, a constant), with no warning.
+    """
+    p, solve, jacobian = _stationary_outer(case)
+    x0, target = torch.zeros(4, dtype=F64), p.solve(p.lam)
+
+    def loss(lam: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((solve(x0, lam, p.X, p.y) - target) ** 2).sum()
+
+    v = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    hessian = torch.autograd.functional.hessian(loss, p.lam)
+    assert rel_err(hessian, jacobian.T @ jacobian) < 1e-8
+    _, hv = torch.autograd.functional.hvp(loss, p.lam, v)
+    assert rel_err(hv, jacobian.T @ jacobian @ v) < 1e-8
+    _, jv = torch.autograd.functional.jvp(lambda lam: solve(x0, lam, p.X, p.y), p.lam, v)
+    assert rel_err(jv, jacobian @ v) < 1e-8
+
+
+@pytest.mark.parametrize("case", solvers("vmappable"))
+def test_func_hessian_where_the_outer_loss_is_stationary_in_x_star(case: SolverCase) -> None:
+    p, solve, jacobian = _stationary_outer(case)
+    x0, target = torch.zeros(4, dtype=F64), p.solve(p.lam)
+
+    def loss(lam: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((solve(x0, lam, p.X, p.y) - target) ** 2).sum()
+
+    assert rel_err(torch.func.hessian(loss)(p.lam), jacobian.T @ jacobian) < 1e-8
+    v = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    _, hv = torch.func.jvp(torch.func.grad(loss), (p.lam,), (v,))
+    assert rel_err(hv, jacobian.T @ jacobian @ v) < 1e-8
+
+
+def test_forward_mode_of_a_vmapped_solve_and_forward_over_forward() -> None:
+    p = Ridge.make(d=4, seed=7)
+    solve = bl.custom_root(bl.stationarity(Ridge.inner_loss), solver=bl.CG(tol=0, maxiter=8))(
+        p.closed_form_inner
+    )
+    x0, v = torch.zeros(4, dtype=F64), torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    lams = torch.stack([p.lam, 2 * p.lam])
+
+    def batch(scale: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(lambda lam: solve(x0, scale * lam, p.X, p.y))(lams)
+
+    # jvp of a vmap: d/ds w*(s·λᵢ) at s = 1 is J(λᵢ) λᵢ, J = −H⁻¹diag(w*). It used to fail
+    # inside torch.func on the implicit function's call signature.
+    _, tangent = torch.func.jvp(batch, (torch.ones((), dtype=F64),), (torch.ones((), dtype=F64),))
+    for lam, got in zip(lams, tangent, strict=True):
+        h = p.X.T @ p.X + torch.diag(lam)
+        assert rel_err(got, -torch.linalg.solve(h, p.solve(lam) * lam)) < 1e-10
+    # Forward-over-forward would drop the outer derivative (a silent zero): it refuses.
+    with pytest.raises(NotImplementedError, match="forward-over-forward"):
+        torch.func.jvp(
+            lambda lam: torch.func.jvp(lambda m: solve(x0, m, p.X, p.y), (lam,), (v,))[1],
+            (p.lam,),
+            (v,),
+        )
+
+
 def test_implicit_grad_has_aux_returns_the_solution_for_warm_starts() -> None:
     torch.manual_seed(4)
     X, y = torch.randn(25, 4, dtype=F64), torch.randn(25, dtype=F64)

@@ -29,13 +29,17 @@ vmap`` all see ``x*(θ)`` while the inner iterations are never recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch._functorch.pyfunctorch import (
+    retrieve_all_functorch_interpreters,
+    retrieve_current_functorch_interpreter,
+)
 
 from ..linear import LinearSolver, SolveInfo
 from ..optimality import OptimalityFn, is_symmetric
@@ -46,8 +50,14 @@ from .diagnostics import Diagnosed, OnFailure, check_policy
 __all__ = ["ImplicitFunction"]
 
 
-class _Signature(NamedTuple):
-    """The static part of one call: structure and non-tensor leaves of ``(x0, args)``."""
+@dataclasses.dataclass(frozen=True)
+class _Signature:
+    """The static part of one call: structure and non-tensor leaves of ``(x0, args)``.
+
+    A plain class, not a ``NamedTuple``: ``torch.func`` would flatten a tuple into its
+    fields when it batches the forward-mode rule (``torch.func.jvp`` of a ``vmap``, and so
+    ``jacfwd(jacrev)``), and fail to match them with the tangents.
+    """
 
     spec: Any  # pytree TreeSpec of (x0, [args])
     constants: tuple[Any, ...]  # one entry per leaf: None where the leaf is a tensor
@@ -101,6 +111,31 @@ def _under_jvp() -> bool:
         return False
     interpreter = retrieve_current_functorch_interpreter()
     return interpreter is not None and interpreter.key() == TransformType.Jvp
+
+
+def _backward_differentiated() -> bool:
+    """Whether the backward pass now running is differentiated in turn, as supported here.
+
+    True for ``create_graph=True`` (a Hessian by autograd, the double-backward trick of
+    ``torch.autograd.functional.jvp`` / ``hvp``) and under an outer ``torch.func.jvp`` level
+    (``torch.func.hessian``, ``jacfwd(jacrev)``, ``jvp(grad)``). Not for reverse-over-reverse
+    ``torch.func`` (``jacrev(jacrev)``): torch 2.13's level checks reject a custom function
+    applied inside a ``torch.func`` backward and differentiated after that level exited, so
+    the solver's iterations are differentiated there, exact except where the cotangent is 0.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not _under_transform():
+        return True
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def _nested_jvp() -> bool:
+    """True under two or more ``torch.func.jvp`` levels (forward-over-forward)."""
+    if not _under_transform():
+        return False
+    levels = retrieve_all_functorch_interpreters()
+    return sum(i.key() == TransformType.Jvp for i in levels) > 1
 
 
 def _forward(owner: ImplicitFunction, tensors: Sequence[Any], sig: _Signature) -> tuple:
@@ -178,6 +213,7 @@ def _binding(owner: ImplicitFunction) -> type[torch.autograd.Function]:
                 ],
                 ctx.x_spec,
             )
+            differentiated = _backward_differentiated()
             grads, info, unused = vjp_rule(
                 owner.optimality_fn,
                 x_star,
@@ -187,6 +223,7 @@ def _binding(owner: ImplicitFunction) -> type[torch.autograd.Function]:
                 diff,
                 owner.symmetric,
                 on_linearised=owner._symmetry_probe(),
+                adjoint=owner._differentiable_adjoint if differentiated else None,
             )
             owner._report(info, "backward")
             owner._warn_unused(unused)
@@ -199,6 +236,16 @@ def _binding(owner: ImplicitFunction) -> type[torch.autograd.Function]:
 
         @staticmethod
         def jvp(ctx: Any, *tangents: Any) -> tuple:
+            if _nested_jvp():
+                # torch 2.13 runs this rule on the inner level's tensors only: the outer
+                # level's tangent of the result would come back as zero, without an error.
+                raise NotImplementedError(
+                    f"torch.func.jvp of torch.func.jvp (forward-over-forward, e.g. "
+                    f"jacfwd(jacfwd)) through {owner._name} is not supported: the outer "
+                    "derivative would be silently zero. Take second derivatives with reverse "
+                    "mode outside: torch.func.jacfwd(torch.func.jacrev(f)) or torch.func.hessian, "
+                    "or torch.func.jvp(torch.func.grad(f), ...) for a Hessian-vector product."
+                )
             sig: _Signature = ctx.sig
             saved = ctx.saved_tensors
             x_star = tree_unflatten(list(saved[: ctx.n_x]), ctx.x_spec)
@@ -322,6 +369,7 @@ class ImplicitFunction(Diagnosed):
         self.latest_info: SolveInfo | None = None
         self._dependence_checked = False
         self._symmetry_checked = False
+        self._checks_solution = True
         self._layout: tuple[Any, Any, list[Any]] | None = None
         functools.update_wrapper(self, inner_solver)
         self._function = _binding(self)
@@ -358,6 +406,51 @@ class ImplicitFunction(Diagnosed):
                 ) from error
             raise
         return out, aux
+
+    def _differentiable_adjoint(
+        self, x_star: Any, args: Sequence[Any], cotangent: Any
+    ) -> tuple[Any, SolveInfo]:
+        """``u`` with ``(∂F/∂x)ᵀu = v``, for a backward pass that is itself differentiated.
+
+        Differentiating the linear solver's iterations instead gives a wrong derivative where
+        ``v = 0`` — an outer loss stationary in ``x*`` (its Hessian at an optimum), or the zero
+        cotangent of the double-backward trick of ``torch.autograd.functional.jvp`` / ``hvp``:
+        an iterative solver returns a constant ``u = 0`` there, so the derivative in ``v``,
+        ``(∂F/∂x)⁻ᵀ``, comes out as zero. Here ``u`` is the root of the linear condition
+        ``G(u; v, x*, args) = (∂F/∂x)ᵀu − v``, differentiated by the same implicit rule as
+        ``x*``: exact at any ``v``, whatever the solver, and at no cost to the first-order
+        result (the same solve gives ``u``).
+        """
+        optimality_fn, symmetric, solver = self.optimality_fn, self.symmetric, self.solver
+        infos: list[SolveInfo] = []
+
+        def residual(u: Any, v: Any, x: Any, *a: Any) -> Any:
+            pull = torch.func.vjp(lambda y: optimality_fn(y, *a), x)[1]
+            return tree_map(torch.sub, pull(u)[0], v)
+
+        def adjoint(u0: Any, v: Any, x: Any, *a: Any) -> Any:
+            u, info = adjoint_solve(linearise(optimality_fn, x, a, [], symmetric), v, solver)
+            infos.append(info)
+            return u
+
+        residual.symmetric = symmetric  # type: ignore[attr-defined]  # ∂G/∂u = (∂F/∂x)ᵀ
+        adjoint.__name__ = f"{self._name} (adjoint solve)"
+        root = ImplicitFunction(
+            adjoint,
+            residual,
+            solver=solver,
+            symmetric=symmetric,
+            has_aux=False,
+            argnums=None,
+            on_failure=self.on_failure,
+            callback=self.callback,
+        )
+        # This function reports the solve itself, and has probed F's symmetry already; a
+        # NaN u comes from a NaN cotangent, reported as such by the caller.
+        root._dependence_checked = root._symmetry_checked = True
+        root._checks_solution = False
+        u = root(tree_map(torch.zeros_like, cotangent), cotangent, x_star, *args)
+        return u, infos[-1]
 
     def _traced_rule(self, x_leaves: list[torch.Tensor], x_spec: Any, args: tuple) -> list:
         """The reverse rule as a gradient hook, for a forward that dynamo inlines."""

@@ -355,17 +355,23 @@ def vjp_rule(
     diff: Sequence[int],
     symmetric: bool,
     on_linearised: Callable[[Linearisation, Tree], None] | None = None,
+    adjoint: Callable[[Tree, Sequence[Any], Tree], tuple[Tree, SolveInfo]] | None = None,
 ) -> tuple[list[Tree], SolveInfo, list[int] | None]:
     """``(−Bᵢᵀu for each i in diff, info, unused)`` with ``Aᵀu = cotangent``.
 
     ``unused`` lists the differentiated arguments that provably do not enter ``F`` (``None``
     where that is unknown). ``on_linearised(lin, cotangent)``, when given, sees the
-    linearisation before the solve (the diagnostics' symmetry probe).
+    linearisation before the solve (the diagnostics' symmetry probe). ``adjoint(x_star,
+    args, cotangent) -> (u, info)``, when given, replaces the solve (a backward that is
+    itself differentiated, see ``ImplicitFunction._differentiable_adjoint``).
     """
     lin = linearise(optimality_fn, x_star, args, diff, symmetric)
     if on_linearised is not None:  # before pull_args, which may free the recorded graph
         on_linearised(lin, cotangent)
-    u, info = adjoint_solve(lin, cotangent, solver)
+    if adjoint is None:
+        u, info = adjoint_solve(lin, cotangent, solver)
+    else:
+        u, info = adjoint(x_star, args, cotangent)
     if not diff:
         return [], info, None
     grads = lin.pull_args(tree_map(torch.neg, u))  # −Bᵀu
