@@ -147,6 +147,45 @@ def test_fixed_k_cg_that_makes_no_progress_on_an_indefinite_system_is_a_breakdow
     torch.testing.assert_close(xs, torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=F64))
 
 
+def test_fixed_k_cg_ending_on_a_tiny_positive_pivot_of_an_indefinite_system_says_so() -> None:
+    # diag(1, −1), b = (1, 1 − 10⁻⁶): the first curvature bᵀAb ≈ 2·10⁻⁶ is positive, so one
+    # CG step looks like an SPD step, and lands on x ≈ 10⁶·b (residual ≈ 10⁶‖b‖). The system
+    # is indefinite, so that is no A-norm approximation of x* = (1, −1 + 10⁻⁶): it used to be
+    # returned with converged=True and no warning, a hypergradient off by a factor 10⁶.
+    a = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))
+    b = torch.tensor([1.0, 1.0 - 1e-6], dtype=F64)
+    x, info = bl.CG(tol=0, maxiter=1)(lambda v: a @ v, b)
+    assert float(torch.linalg.vector_norm(b - a @ x)) <= float(b.norm()) * (1 + 1e-12)
+    assert info.failed and info.outcome == "breakdown"
+    assert bool(info.stats["negative_curvature_after"])
+    # Two steps span the Krylov space: x* = a⁻¹b up to the rounding of the 10⁶ step, and
+    # not a failure.
+    x, info = bl.CG(tol=0, maxiter=2)(lambda v: a @ v, b)
+    assert rel_err(x, torch.linalg.solve(a, b)) <= 1e-3 and not info.failed
+
+    # Through custom_root on the saddle ½xᵀax − θᵀx: the gradient of cᵀx* = cᵀa⁻¹θ is a⁻ᵀc.
+    def saddle(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x @ (a @ x) - theta @ x
+
+    @bl.custom_root(bl.stationarity(saddle), solver=bl.CG(tol=0, maxiter=1))
+    def solve(x0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(a, theta)
+
+    theta = b.clone().requires_grad_(True)
+    with pytest.warns(bl.ConvergenceWarning, match="search direction after them"):
+        (b @ solve(torch.zeros(2, dtype=F64), theta)).backward()
+    assert float(theta.grad.abs().max()) <= 1.0  # not 10⁶: the breakdown returned x₀
+
+    # An SPD system whose one CG step overshoots in residual (‖r₁‖ ≈ 9.9 > ‖b‖ ≈ 1.0) keeps
+    # that step: its A-norm error is below x₀'s, and the probe finds positive curvature.
+    spd = torch.diag(torch.tensor([100.0, 0.01], dtype=F64))
+    c = torch.tensor([0.1, 1.0], dtype=F64)
+    x, info = bl.CG(tol=0, maxiter=1)(lambda v: spd @ v, c)
+    torch.testing.assert_close(x, c * (c @ c) / (c @ spd @ c))  # the first CG iterate
+    assert float(torch.linalg.vector_norm(c - spd @ x)) > 9 * float(c.norm())
+    assert not info.failed and not bool(info.stats["negative_curvature_after"])
+
+
 def _indefinite(n: int, negatives: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An iMAML-like ``H + λI``: Q diag(e) Qᵀ with a few eigenvalues in [−3, −0.5]."""
     g = torch.Generator().manual_seed(seed)
@@ -269,6 +308,35 @@ def test_neumann_default_step_size_is_safe_on_a_stiff_hessian() -> None:
     p.outer_loss(solve(torch.zeros(6, dtype=F64), lam, p.X, p.y)).backward()
     assert rel_err(lam.grad, p.closed_form()) <= 1e-6
     assert 0 < float(solve.latest_info.stats["alpha"]) < 2 / p.lipschitz()
+
+
+@pytest.mark.parametrize("share", [1e-6, 1e-9, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_neumann_default_step_size_sees_an_eigenvalue_b_barely_excites(
+    share: float, dtype: torch.dtype
+) -> None:
+    """λ_max = 1000 with ``b`` almost (or, up to rounding, exactly) orthogonal to its
+    eigenvector: a power method started from ``b`` alone finds λ ≈ 400, the step α = 1/400
+    makes ``|1 − αλ_max| = 1.5``, and the rounding-level component grows until the series
+    diverges. The default step must see λ_max and converge."""
+    n = 40
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(3)))
+    eig = torch.cat(
+        [
+            torch.tensor([1000.0, 400.0, 300.0], dtype=F64),
+            torch.linspace(100, 200, n - 3, dtype=F64),
+        ]
+    )
+    a = q @ torch.diag(eig) @ q.T
+    coeffs = torch.randn(n - 1, dtype=F64, generator=torch.Generator().manual_seed(4))
+    b = q[:, 1:] @ coeffs + share * q[:, 0]
+    reference = torch.linalg.solve(a, b)  # dense, float64
+    a32, b32 = a.to(dtype), b.to(dtype)
+    x, info = bl.Neumann(steps=300)(lambda v: a32 @ v, b32)
+    alpha = float(info.stats["alpha"])
+    assert 0 < alpha * 1000.0 < 2.0
+    assert bool(info.converged)
+    assert rel_err(x.to(F64), reference) <= (1e-8 if dtype == F64 else 1e-4)
 
 
 def test_neumann_with_a_divergent_alpha_says_so() -> None:
