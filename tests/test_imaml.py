@@ -607,6 +607,16 @@ def test_presets_are_literal_paper_values():
         assert (p["meta_batch"], p["meta_lr"], p["inner_lr"]) == (32, 1e-3, 0.1)
 
 
+def test_cpu_long_10_is_cpu_long_with_more_adaptation():
+    """The recorded run's preset: cpu-long's recipe except the inner steps and the length."""
+    from applications.imaml.cli import PRESETS
+
+    long, long10 = PRESETS["cpu-long"], PRESETS["cpu-long-10"]
+    differ = {k for k in long.keys() | long10.keys() if long.get(k) != long10.get(k)}
+    assert differ == {"inner_steps", "steps", "time_limit"}
+    assert (long10["inner_steps"], long10["steps"]) == (10, 10500)
+
+
 def test_confidence_interval():
     mean, half = confidence_interval(torch.tensor([0.0, 1.0] * 50))
     assert mean == pytest.approx(0.5)

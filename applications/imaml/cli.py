@@ -113,6 +113,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "val_every": 1000,
         "ckpt_every": 200,
     },
+    # cpu-long with twice the inner adaptation (10 monotone GD steps), the lever the cpu-long
+    # plateau pointed to: 0.54 s/meta-step compiled under torchrun with 2 processes x 1 thread
+    # on the 2-core machine, so 10,500 meta-steps fit the same budget.
+    "cpu-long-10": {
+        **_CPU_QUICK,
+        "inner_steps": 10,
+        "steps": 10500,
+        "time_limit": 135.0,
+        "compile": True,
+        "val_every": 1000,
+        "ckpt_every": 200,
+    },
     # The Hessian-free variant (the paper's iMAML-HF row) on the cpu-long footing: 2 damped
     # Newton steps of 3 truncated-CG iterations each (2 gradients and 6 Hessian-vector
     # products per task) at step 1 with backtracking, compiled, sized for two hours on one of
