@@ -89,6 +89,16 @@ _CPU_QUICK: dict[str, Any] = {
     "threads": None,
 }
 
+# The cpu-quick recipe at scale (see the cpu-long preset).
+_CPU_LONG: dict[str, Any] = {
+    **_CPU_QUICK,
+    "steps": 14000,
+    "time_limit": 150.0,
+    "compile": True,
+    "val_every": 1000,
+    "ckpt_every": 200,
+}
+
 #: Named configurations. The ``paper-*`` presets are the paper's hyperparameters taken
 #: literally (16 inner GD steps at lr 0.1 for 5-way, 25 for 20-way; λ = 2; 5 CG steps;
 #: meta-batch 32; Adam 1e-3); they keep the app's guards (monotone inner GD, fixed-K CG that
@@ -105,26 +115,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # paper's 20,000 x 32) with the cosine over all of them, compiled (2.1x per meta-step in
     # the cpu-quick comparison), sized for 150 minutes on the 2-core machine. Validation is
     # sparser than in cpu-quick so that it costs under 5% of the run.
-    "cpu-long": {
-        **_CPU_QUICK,
-        "steps": 14000,
-        "time_limit": 150.0,
-        "compile": True,
-        "val_every": 1000,
-        "ckpt_every": 200,
-    },
+    "cpu-long": _CPU_LONG,
     # cpu-long with twice the inner adaptation (10 monotone GD steps), the lever the cpu-long
     # plateau pointed to: 0.54 s/meta-step compiled under torchrun with 2 processes x 1 thread
     # on the 2-core machine, so 10,500 meta-steps fit the same budget.
-    "cpu-long-10": {
-        **_CPU_QUICK,
-        "inner_steps": 10,
-        "steps": 10500,
-        "time_limit": 135.0,
-        "compile": True,
-        "val_every": 1000,
-        "ckpt_every": 200,
-    },
+    "cpu-long-10": {**_CPU_LONG, "inner_steps": 10, "steps": 10500, "time_limit": 135.0},
     # The Hessian-free variant (the paper's iMAML-HF row) on the cpu-long footing: 2 damped
     # Newton steps of 3 truncated-CG iterations each (2 gradients and 6 Hessian-vector
     # products per task) at step 1 with backtracking, compiled, sized for two hours on one of
@@ -603,11 +598,8 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             setattr(cfg, name, getattr(args, name))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    adaptation = {
-        name: getattr(args, name)
-        for name in ("inner_steps", "inner_lr", "lam")
-        if getattr(args, name) is not None
-    }
+    names = (flag[2:].replace("-", "_") for flag, _, _ in _EVAL_ADAPTATION)
+    adaptation = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     for name, value in adaptation.items():
         setattr(cfg, name, value)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
